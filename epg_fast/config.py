@@ -1,0 +1,325 @@
+"""Configuration: YAML presets + dotted command-line overrides, validated before any work.
+
+A config is plain data: nested dataclasses whose field annotations are the schema. Loading
+goes defaults <- YAML file <- `section.key=value` overrides; every key is checked against
+the schema (an unknown key names the closest valid one) and every value against its type
+and range, so a typo fails in one line instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("pretrain", "denoise", "consistency")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the key and what is wrong."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    # Encoder preset from models.encoder.ENCODER_PRESETS ("ViT-B", "EPG-L", ...), or "custom"
+    # to take depth/dim/heads below. A preset fills those three fields.
+    preset: str = "custom"
+    depth: int | None = None
+    dim: int | None = None
+    heads: int | None = None
+    image_size: int = 256
+    patch_size: int = 16
+    cls_tokens: int = 1
+    mlp_ratio: float = 4.0
+    proj_hidden: int = 4096  # projector hidden width (spec: 4096)
+    proj_dim: int = 256  # projector output width
+    attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa"))
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # ImageFolder tree; None = the embedded demo data (smoke test only)
+    loader: str = field(default="torch", metadata=_choices("torch"))
+    precropped: bool = False  # tree already holds ADM center crops at image_size (paper setup)
+    normalization: str = field(default="imagenet", metadata=_choices("imagenet", "simple"))
+    workers: int = 4
+    prefetch: int = 2  # batches prefetched per worker
+
+
+@dataclass
+class PretrainConfig:
+    s0: int = 20  # curriculum: initial number of discretisation steps
+    s1: int = 1280  # curriculum: final number of discretisation steps
+    tau_contrastive: float = 0.2
+    tau_consistency: float = 0.1
+    target_ema: float = 0.99
+    # Target projector BatchNorm. "initial" (reference quirk): the target stays in eval mode
+    # and only parameters are EMA'd, so it normalises with running stats mean 0 / var 1.
+    # "ema": EMA the running statistics too. "batch": target normalises with batch stats.
+    target_bn: str = field(default="initial", metadata=_choices("initial", "ema", "batch"))
+    # How sg(f(b').h) is computed: "no_grad" (fast) or "detach" (reference: build, then detach).
+    consistency_target: str = field(default="no_grad", metadata=_choices("no_grad", "detach"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    scale_lr: bool = False  # multiply lr by global_batch / 1024
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.03
+    decay_tokens: bool = True  # weight decay on pos_embed and cls tokens too (reference)
+    warmup_steps: int = 10_000
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 1024
+    total_steps: int = 600_000
+    stop_after: int | None = None  # end this run (with a checkpoint) at this step; resume later
+    seed: int = 0
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
+    zero_stage: int = 0
+    run_dir: str | None = None  # None = runs/<stage>-<config name>
+    save_every: int = 5000
+    keep_last: int = 3  # completed checkpoints kept on disk
+    resume: str = "auto"  # "auto" (newest valid checkpoint in run_dir), "none", or a checkpoint path
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between metric lines
+    progress: bool = True
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # MFU denominator; None = looked up from the GPU name
+
+
+@dataclass
+class Config:
+    stage: str = field(default="pretrain", metadata=_choices(*STAGES))
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a config from YAML + overrides
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce int -> float) a YAML value against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(annotation):
+            ok, coerced = _type_ok(value, arm)
+            if ok:
+                return True, coerced
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_type_ok(v, item_type) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if annotation is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads "2e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, annotation), value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = [f.name for f in dataclasses.fields(section)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' is a section; set its keys, e.g. {dotted}.<key>=...")
+            _apply(current, value, dotted + ".")
+            continue
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(
+                f"'{dotted}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+        setattr(section, key, coerced)
+
+
+def _check_choices(section: Any, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(
+                f"'{prefix}{f.name}' must be one of {', '.join(f.metadata['choices'])}; got {value!r}"
+            )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key inside a value")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def default_config_path(stage: str) -> Path:
+    return CONFIG_DIR / stage / "demo.yaml"
+
+
+def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
+    """The YAML layers of a preset, base first: a file may name another with `base: FILE`
+    (relative to itself) and override only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(map(str, seen + [path]))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    layers = _read_with_bases(path.parent / base, seen + [path.resolve()]) if base else []
+    return layers + [data]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> Config:
+    """Defaults <- YAML preset <- dotted overrides, then validation of every value."""
+    cfg = Config()
+    if path is None:
+        path = default_config_path(stage or cfg.stage)
+    path = Path(path)
+    cfg.name = path.stem
+    for layer in _read_with_bases(path, []):
+        _apply(cfg, layer, "")
+    _apply(cfg, parse_overrides(list(overrides)), "")
+    if stage is not None and cfg.stage != stage:
+        raise ConfigError(f"--stage {stage} was given a '{cfg.stage}' config ({path})")
+    resolve(cfg)
+    return cfg
+
+
+def resolve(cfg: Config) -> None:
+    """Fill derived values (encoder preset, run dir) and check ranges; raises ConfigError."""
+    from epg_fast.models.encoder import ENCODER_PRESETS  # local: models import config types
+
+    _check_choices(cfg, "")
+    m = cfg.model
+    if m.preset != "custom":
+        if m.preset not in ENCODER_PRESETS:
+            close = difflib.get_close_matches(m.preset, list(ENCODER_PRESETS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown model.preset '{m.preset}'{hint} (known: custom, {', '.join(ENCODER_PRESETS)})"
+            )
+        for key, value in zip(("depth", "dim", "heads"), ENCODER_PRESETS[m.preset]):
+            if getattr(m, key) not in (None, value):
+                raise ConfigError(
+                    f"model.{key}={getattr(m, key)} conflicts with model.preset={m.preset} ({value}); "
+                    "use model.preset=custom to set it"
+                )
+            setattr(m, key, value)
+    for key in ("depth", "dim", "heads"):
+        if getattr(m, key) is None:
+            raise ConfigError(f"model.{key} must be set when model.preset=custom")
+    positive = {
+        "model.depth": m.depth, "model.dim": m.dim, "model.heads": m.heads,
+        "model.image_size": m.image_size, "model.patch_size": m.patch_size,
+        "model.cls_tokens": m.cls_tokens, "model.proj_hidden": m.proj_hidden,
+        "model.proj_dim": m.proj_dim, "train.global_batch": cfg.train.global_batch,
+        "train.total_steps": cfg.train.total_steps, "train.save_every": cfg.train.save_every,
+        "train.keep_last": cfg.train.keep_last, "log.every": cfg.log.every,
+        "pretrain.s0": cfg.pretrain.s0, "optim.lr": cfg.optim.lr,
+        "pretrain.tau_contrastive": cfg.pretrain.tau_contrastive,
+        "pretrain.tau_consistency": cfg.pretrain.tau_consistency,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {value}")
+    if m.dim % m.heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
+    if (m.dim // m.heads) % 8:
+        raise ConfigError(f"head dim model.dim/model.heads={m.dim // m.heads} must be a multiple of 8")
+    if m.dim % 2:
+        raise ConfigError(f"model.dim={m.dim} must be even (sinusoidal time embedding)")
+    if m.image_size % m.patch_size:
+        raise ConfigError(
+            f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}"
+        )
+    if cfg.pretrain.s1 < cfg.pretrain.s0:
+        raise ConfigError(f"pretrain.s1={cfg.pretrain.s1} must be >= pretrain.s0={cfg.pretrain.s0}")
+    if not 0.0 <= cfg.pretrain.target_ema < 1.0:
+        raise ConfigError(f"pretrain.target_ema must be in [0, 1), got {cfg.pretrain.target_ema}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
+        raise ConfigError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.train.stop_after is not None and not 0 < cfg.train.stop_after <= cfg.train.total_steps:
+        raise ConfigError(
+            f"train.stop_after={cfg.train.stop_after} must be in [1, train.total_steps={cfg.train.total_steps}]"
+        )
+    if cfg.data.workers < 0 or cfg.data.prefetch < 1:
+        raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
+    if cfg.train.run_dir is None:
+        cfg.train.run_dir = f"runs/{cfg.stage}-{cfg.name}"
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of ranks; call before building anything."""
+    if cfg.train.global_batch % world_size:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by the {world_size} ranks"
+        )

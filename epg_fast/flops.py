@@ -1,0 +1,35 @@
+"""Analytic FLOP counts, in DiT's convention: one multiply-add = one FLOP, forward pass,
+one image. Hardware FLOP/s (for MFU) are twice these. Only the matrix multiplies count;
+norms, activations and softmax are a few percent and left out, as DiT does.
+"""
+
+from __future__ import annotations
+
+
+def vit_macs(image_size: int, patch_size: int, dim: int, depth: int, mlp_ratio: float = 4.0, extra_tokens: int = 2) -> int:
+    """Multiply-adds of one ViT encoder forward for one image (patch embedding + blocks)."""
+    patches = (image_size // patch_size) ** 2
+    tokens = patches + extra_tokens
+    hidden = int(dim * mlp_ratio)
+    embed = patches * 3 * patch_size * patch_size * dim
+    per_block = (
+        tokens * dim * 3 * dim  # qkv
+        + 2 * tokens * tokens * dim  # q k^T and attn v
+        + tokens * dim * dim  # output projection
+        + 2 * tokens * dim * hidden  # MLP
+    )
+    return embed + depth * per_block
+
+
+def projector_macs(dim: int, hidden: int, out_dim: int) -> int:
+    return dim * hidden + hidden * hidden + hidden * out_dim
+
+
+def pretrain_step_macs(model_cfg) -> int:
+    """Multiply-adds per image of one pre-training step, forward and backward: six encoder
+    forwards (three online with gradients, one online without, two target), four projector
+    forwards (two with gradients); a backward pass costs two forwards."""
+    m = model_cfg
+    enc = vit_macs(m.image_size, m.patch_size, m.dim, m.depth, m.mlp_ratio, m.cls_tokens + 1)
+    proj = projector_macs(m.dim, m.proj_hidden, m.proj_dim)
+    return 3 * 3 * enc + 2 * 3 * proj + 1 * enc + 2 * (enc + proj)

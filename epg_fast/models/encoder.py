@@ -1,0 +1,236 @@
+"""The EPG encoder: a pre-norm ViT conditioned on the noise level, plus the pre-training
+projector (EPG_SPEC section 2).
+
+Token sequence: [cls x T, time, patch_1 .. patch_L] + a learned position embedding. The
+network takes the noisy image x_t and its shifted level t and applies the preconditioning
+itself (it sees c_in(t) * x_t and the time token of c_noise(t)).
+
+Parameter names follow the reference implementation (patch_embed.proj, blocks.i.attn.qkv,
+projection_head.0 ...) so its checkpoints map one to one. Compute goes through
+`epg_fast.ops`, which picks fused kernels or references; the modules here own parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from epg_fast import ops, schedule
+
+# name: (blocks, width, heads) of the encoder; the XL/XXL/G encoders are ViT-B.
+ENCODER_PRESETS: dict[str, tuple[int, int, int]] = {
+    "ViT-B": (12, 768, 12),
+    "EPG-L": (16, 1024, 16),
+    "EPG-XL": (12, 768, 12),
+    "EPG-XXL": (12, 768, 12),
+    "EPG-G": (12, 768, 12),
+}
+
+LN_EPS = 1e-6  # the reference's ViT LayerNorm epsilon
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm's parameters, computed through ops.layer_norm (fp32 statistics)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=LN_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2)
+        return self.proj(ops.attention(q, k, v).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Holds a Conv2d's parameters (kernel = stride = p); computes through ops.patch_embed."""
+
+    def __init__(self, patch_size: int, dim: int, channels: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor, c_in: Tensor, pos: Tensor) -> Tensor:
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, c_in, pos)
+
+
+class Encoder(nn.Module):
+    """Noise-conditioned ViT. forward(x_t, t) -> tokens [B, T+1+L, D] before the final norm."""
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cls_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        self.dim, self.patch_size, self.cls_tokens = dim, patch_size, cls_tokens
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, cls_tokens, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cls_tokens + 1 + num_patches, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = LayerNorm(dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            # qkv as three separate D x D matrices: bound sqrt(6 / (D + D)), not xavier of [3D, D].
+            bound = math.sqrt(6.0 / (2 * self.dim))
+            nn.init.uniform_(block.attn.qkv.weight, -bound, bound)
+        w = self.patch_embed.proj.weight  # xavier with fan_in = 3 p p, fan_out = D
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        # torch's trunc_normal_ truncates at +-2 (absolute), i.e. ~100 std: as the reference.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x_t: noisy images [B, 3, R, R]; t: shifted noise levels [B]."""
+        B = x_t.shape[0]
+        lead = self.cls_tokens + 1
+        patches = self.patch_embed(x_t, schedule.c_in(t), self.pos_embed[:, lead:])
+        time = schedule.time_embedding(schedule.c_noise(t), self.dim).to(patches.dtype)
+        head = torch.cat([self.cls_token.expand(B, -1, -1).to(patches.dtype), time[:, None]], dim=1)
+        x = torch.cat([head + self.pos_embed[:, :lead].to(patches.dtype), patches], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ProjectorBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span all ranks when more than one trains.
+
+    torch's SyncBatchNorm refuses CPU tensors; this one all-reduces [sum, sum of squares,
+    count] in one call (autograd-aware), so it runs on gloo and NCCL alike.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        local = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), xf.shape[0])])
+        total = all_reduce(local)
+        C = x.shape[1]
+        n = total[-1]
+        mean = total[:C] / n
+        var = (total[C : 2 * C] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+            self.num_batches_tracked.add_(1)
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+
+def projector(dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear, no biases (indices match the
+    reference's projection_head.{0,1,3,4,6})."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden, bias=False),
+        ProjectorBatchNorm(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden, bias=False),
+        ProjectorBatchNorm(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim, bias=False),
+    )
+
+
+class PretrainEncoder(nn.Module):
+    """Encoder + final LN on the cls token (-> h) + projector (-> z): the pre-training network."""
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cls_tokens: int = 1,
+        proj_hidden: int = 4096,
+        proj_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.encoder = Encoder(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens)
+        self.projection_head = projector(dim, proj_hidden, proj_dim)
+        for m in self.projection_head:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+
+    def features(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """h: the normalised (first) cls feature, [B, D]."""
+        return self.encoder.norm(self.encoder(x_t, t)[:, :1])[:, 0]
+
+    def forward(self, x_t: Tensor, t: Tensor, views: int = 1, projected: int = 1) -> tuple[Tensor, Tensor]:
+        """Returns (z, h) for `views` views stacked along the batch.
+
+        The encoder runs once over all views (one large GEMM per layer instead of one per
+        view; it has no cross-sample op, so this is exact). h is returned for every view, z
+        for the first `projected` views, each projected separately so that BatchNorm sees
+        one view's statistics, as in the reference's separate calls.
+        """
+        h = self.features(x_t, t)
+        chunks = h.chunk(views)[:projected]
+        z = torch.cat([self.projection_head(c) for c in chunks]) if chunks else h[:0]
+        return z, h
+
+
+def build_pretrain_encoder(model_cfg) -> PretrainEncoder:
+    """From a resolved `ModelConfig` (preset already expanded into depth/dim/heads)."""
+    m = model_cfg
+    return PretrainEncoder(
+        m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.mlp_ratio, m.cls_tokens, m.proj_hidden, m.proj_dim
+    )

@@ -1,0 +1,427 @@
+"""The EPG trainer: `deepspeed epg_fast/train.py --stage pretrain [--config FILE] [key=value ...]`.
+
+Also runs as a single process (`python epg_fast/train.py ...`). One step reads top to bottom:
+batch -> views on device -> curriculum level + shared noise -> objective -> DeepSpeed
+backward/step (optimiser, lr) -> target EMA -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # Run as a script, Python puts epg_fast/ itself first on sys.path, where our module names
+    # (config, data, ops, ...) would shadow top-level packages; the package is imported by name.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse
+import copy
+import hashlib
+import logging
+import math
+import platform
+import signal
+import socket
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from epg_fast import ops, schedule
+from epg_fast.checkpoint import Checkpoints
+from epg_fast.data import DataError
+from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
+from epg_fast.flops import pretrain_step_macs
+from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
+from epg_fast.models.encoder import PretrainEncoder, build_pretrain_encoder
+from epg_fast.objectives.pretrain import levels, pretrain_loss
+
+log = logging.getLogger("epg_fast")
+
+
+# ---------------------------------------------------------------------------------------
+# Setup
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=STAGES, default="pretrain")
+    p.add_argument("--config", default=None, help="YAML preset (default: configs/<stage>/demo.yaml)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=20 data.root=/data")
+    return p.parse_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """One process group for every rank (also a world of one), on NCCL or gloo."""
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def setup_logging(rank: int, run_dir: Path) -> None:
+    """Rank 0 logs INFO to the console and to run_dir/train.log; other ranks warnings only."""
+    from tqdm import tqdm
+
+    class TqdmHandler(logging.StreamHandler):  # keeps the progress bar intact
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [TqdmHandler()]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("epg_fast.data").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    precision = cfg.train.precision
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
+    return precision
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """All parameters decay, except pos_embed and cls tokens when optim.decay_tokens=false."""
+    tokens = {"encoder.pos_embed", "encoder.cls_token"}
+    decay = [p for n, p in model.named_parameters() if cfg.optim.decay_tokens or n not in tokens]
+    no_decay = [p for n, p in model.named_parameters() if not cfg.optim.decay_tokens and n in tokens]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
+    return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+
+
+def warmup_cosine(warmup: int, total: int):
+    """lr factor at scheduler step k: linear warmup to 1 over `warmup` steps, cosine to 0 at `total`."""
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        progress = min(1.0, (k - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: Config, world: int, precision: str) -> dict:
+    # bf16 runs under torch.autocast with fp32 weights, gradients and optimiser (DeepSpeed in
+    # fp32 mode); fp16 is DeepSpeed's fp16 mode (half weights, fp32 master, dynamic loss scale).
+    return {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.global_batch // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the end of the step.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+
+
+# ---------------------------------------------------------------------------------------
+# The pre-training loop
+
+
+def step_generator(gen: torch.Generator, seed: int, step: int, rank: int) -> torch.Generator:
+    """Randomness of one step as a function of (seed, step, rank): exact resume needs no
+    generator state, and every rank draws different noise."""
+    return gen.manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**63)
+
+
+def sync_step_decisions(n: int, stop: bool, device: torch.device) -> tuple[int, bool]:
+    """Rank 0's level index n reaches every rank, and a stop request on any rank stops all,
+    in one all-reduce."""
+    rank0 = dist.get_rank() == 0
+    t = torch.tensor([n if rank0 else 0, int(stop)], device=device, dtype=torch.int64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t[0]), bool(t[1])
+
+
+@torch.no_grad()
+def param_norm(module: torch.nn.Module, zero_stage: int) -> float:
+    """Global L2 norm of the parameters; under ZeRO-3 each rank holds a shard."""
+    sq = sum(getattr(p, "ds_tensor", p).detach().float().pow(2).sum() for p in module.parameters())
+    if zero_stage == 3 and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    return float(sq) ** 0.5
+
+
+def grad_norm(engine, zero_stage: int) -> float | None:
+    """Global grad norm before clipping: DeepSpeed's when its optimiser computes one; at ZeRO 0
+    (full, already all-reduced gradients on every rank) computed here."""
+    norm = engine.get_global_grad_norm()
+    if norm is None and zero_stage == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return None if norm is None else float(norm)
+
+
+def check_replicas_identical(module: torch.nn.Module, world: int) -> None:
+    """Data parallelism keeps one model: hash the weights on every rank and compare."""
+    digest = hashlib.sha256()
+    for p in module.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * world
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) == 1:
+        log.info("online weights sha256 %s..., identical on all %d ranks", digests[0][:16], world)
+    else:
+        log.error("online weights DIFFER across ranks: %s", [d[:16] for d in digests])
+
+
+class TargetEMA:
+    """The target network f-: EMA of the online parameters after every optimiser step."""
+
+    def __init__(self, online: PretrainEncoder, target: PretrainEncoder, rate: float, bn_mode: str, zero_stage: int):
+        self.rate, self.bn_mode, self.zero_stage = rate, bn_mode, zero_stage
+        self.online_params = list(online.parameters())
+        self.target_params = list(target.parameters())
+        # "ema" also averages the BatchNorm running statistics; "initial" (reference) keeps
+        # the target's at mean 0 / var 1 by never touching them while in eval mode.
+        float_buffers = lambda m: [b for n, b in m.named_buffers() if b.is_floating_point()]
+        self.online_buffers = float_buffers(online) if bn_mode == "ema" else []
+        self.target_buffers = float_buffers(target) if bn_mode == "ema" else []
+        target.train(bn_mode == "batch")
+        target.requires_grad_(False)
+
+    def update(self) -> None:
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.online_params):
+                ops.ema_update(self.target_params, self.online_params, self.rate)
+        else:
+            ops.ema_update(self.target_params, self.online_params, self.rate)
+        if self.online_buffers:
+            ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
+
+
+def startup_block(cfg: Config, rank: int, world: int, device: torch.device, precision: str, model, loader, autocast_dtype) -> None:
+    if rank != 0:
+        return
+    enc = sum(p.numel() for p in model.encoder.parameters())
+    proj = sum(p.numel() for p in model.projection_head.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    macs = pretrain_step_macs(cfg.model)
+    lines = [
+        "resolved config:",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        f"parameters   {enc + proj:,} (encoder {enc:,}, projector {proj:,})",
+        f"world size   {world} ({'nccl' if device.type == 'cuda' else 'gloo'}), device {device} [{name}]",
+        f"precision    {precision}; attention {ops.attention_backend(device, autocast_dtype)}; "
+        f"kernels reference; ZeRO stage {cfg.train.zero_stage}",
+        f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
+        f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}",
+        f"compute      {2 * macs / 1e9:.2f} GFLOP per image per step (six encoder forwards, three with grad)",
+    ]
+    log.info("\n".join(lines))
+
+
+def pretrain(cfg: Config) -> int:
+    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world, device = setup_distributed(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    setup_logging(rank, run_dir)
+    precision = resolve_precision(cfg, device)
+    ops.set_attention(cfg.model.attention)
+    import deepspeed
+
+    from epg_fast.data import build_loader
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_pretrain_encoder(cfg.model).to(device)
+    target = copy.deepcopy(model)  # f- starts equal to f
+    lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.optim.betas))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.total_steps)
+        ),
+        config=deepspeed_config(cfg, world, precision),
+    )
+    ema = TargetEMA(engine.module, target, cfg.pretrain.target_ema, cfg.pretrain.target_bn, cfg.train.zero_stage)
+    loader = build_loader(
+        cfg.data, image_size=cfg.model.image_size, stage="pretrain", global_batch=cfg.train.global_batch,
+        rank=rank, world_size=world, seed=cfg.train.seed,
+    )
+
+    ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
+    step = 0
+    resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if resume is not None:
+        state = ckpts.load(engine, resume)
+        target.load_state_dict(state["target"])
+        loader.load_state_dict(state["data"])
+        step = state["step"]
+        log.info("resumed from %s at step %d", resume, step)
+    end = cfg.train.stop_after or cfg.train.total_steps
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    startup_block(cfg, rank, world, device, precision, engine.module, loader, autocast_dtype)
+    if step >= end:
+        log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
+        return 0
+
+    def client_state() -> dict:
+        return {"step": step, "target": target.state_dict(), "data": loader.state_dict(), "config": cfg.to_dict()}
+
+    stop = StopRequest()
+    metrics = MetricsWriter(run_dir, rank == 0, cfg.log.tensorboard)
+    telemetry = GPUTelemetry(device)
+    peak = cfg.log.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    flops_per_step = 2 * pretrain_step_macs(cfg.model) * cfg.train.global_batch
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    gen = torch.Generator(device=device)
+    R, shift = cfg.model.image_size, schedule.resolution_shift(cfg.model.image_size)
+    local_batch = cfg.train.global_batch // world
+    from epg_fast.data import normalize
+    from tqdm import tqdm
+
+    bar = tqdm(total=end, initial=step, disable=rank != 0 or not (cfg.log.progress and sys.stderr.isatty()),
+               dynamic_ncols=True, unit="step")
+    window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
+    batches = iter(loader)
+    log.info("training steps %d -> %d", step, end)
+    while step < end:
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        window["wait"] += time.perf_counter() - t_wait
+        x, y1, y2 = (normalize(batch[k].to(device, non_blocking=True), cfg.data.normalization) for k in ("x", "y1", "y2"))
+
+        num_levels = schedule.curriculum_steps(step, cfg.train.total_steps, cfg.pretrain.s0, cfg.pretrain.s1)
+        n_local = int(torch.randint(num_levels - 1, (1,), generator=step_generator(gen, cfg.train.seed, step, 0), device=device))
+        n, stop_now = sync_step_decisions(n_local, stop.requested, device)
+        lv = levels(n, num_levels, R)
+        noise = torch.randn(x.shape, generator=step_generator(gen, cfg.train.seed, step, rank + 1), device=device)
+        with autocast:
+            loss, parts = pretrain_loss(
+                engine, target, x, y1, y2, noise, lv, cfg.pretrain.tau_contrastive,
+                cfg.pretrain.tau_consistency, cfg.pretrain.consistency_target,
+            )
+        engine.backward(loss)
+        log_now = (step + 1) % cfg.log.every == 0 or step + 1 == end
+        gnorm = grad_norm(engine, cfg.train.zero_stage) if log_now and cfg.optim.grad_clip == 0 else None
+        engine.step()  # optimiser step, then lr step
+        ema.update()
+        step += 1
+        window["steps"] += 1
+        bar.update(1)
+
+        if log_now:
+            stats = torch.stack([loss.detach().float(), parts["contrastive"].float(), parts["consistency"].float()])
+            dist.all_reduce(stats)
+            stats /= world
+            elapsed = time.perf_counter() - window["t"]
+            imgs = window["steps"] * cfg.train.global_batch / elapsed
+            row = {
+                "loss": float(stats[0]), "contrastive": float(stats[1]), "consistency": float(stats[2]),
+                "N": num_levels, "n": n, "t_n": lv.t_n, "tau_contrastive": cfg.pretrain.tau_contrastive,
+                "tau_consistency": cfg.pretrain.tau_consistency, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": gnorm if gnorm is not None else grad_norm(engine, cfg.train.zero_stage),
+                "param_norm": param_norm(engine.module, cfg.train.zero_stage),
+                "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
+                "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
+                "epoch": loader.state_dict()["epoch"],
+            }
+            if device.type == "cuda":
+                tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
+                row.update({"tflops_per_gpu": tflops, "gpu/max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
+                if peak:
+                    row["mfu"] = tflops / peak
+                row.update(telemetry.sample())
+            metrics.write(step, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{imgs:.1f}", N=num_levels)
+            if bar.disable:
+                log.info("step %d/%d loss %.4f (contrastive %.4f, consistency %.4f) N %d lr %.2e %.1f img/s data wait %.0f%%",
+                         step, end, row["loss"], row["contrastive"], row["consistency"], num_levels, row["lr"], imgs,
+                         100 * row["data_wait_frac"])
+            window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
+
+        if step % cfg.train.save_every == 0 or step == end or stop_now:
+            ckpts.save(engine, step, client_state())
+        if stop_now:
+            log.warning("stopped at step %d on request; resume with train.resume=auto", step)
+            break
+    bar.close()
+    metrics.close()
+    if cfg.train.zero_stage < 3:  # under ZeRO-3 every rank holds a different shard
+        check_replicas_identical(engine.module, world)
+    if loader.skipped:
+        log.warning("data: %d unreadable files were skipped during this run", loader.skipped)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.stage != "pretrain":
+        print(f"epg_fast: --stage {args.stage} is not available yet: the fine-tuning stages (denoise, "
+              "consistency) land with their own issue. Only --stage pretrain runs today.", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides, stage=args.stage)
+        return pretrain(cfg)
+    except ConfigError as err:
+        print(f"epg_fast: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"epg_fast: data error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

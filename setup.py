@@ -1,0 +1,36 @@
+from setuptools import setup
+
+# `kernels/` is a top-level folder of the repository (one file per fused op) but it is
+# installed as `epg_fast.kernels`: the top-level name `kernels` belongs to another project.
+setup(
+    name="epg-fast",
+    version="0.1.0",
+    description="Fast, kernel-optimised trainer for EPG pixel-space generative models",
+    python_requires=">=3.10",
+    packages=[
+        "epg_fast",
+        "epg_fast.models",
+        "epg_fast.objectives",
+        "epg_fast.data",
+        "epg_fast.kernels",
+    ],
+    package_dir={"epg_fast.kernels": "kernels"},
+    install_requires=[
+        # torch is not pinned here: install the build that fits your machine first
+        # (the README's Quickstart installs the CPU wheel).
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "nvidia-ml-py",
+    ],
+    extras_require={
+        "triton": ["triton"],
+        "dali": ["nvidia-dali-cuda120"],
+        "flash": ["flash-attn"],
+        "test": ["pytest"],
+    },
+)
