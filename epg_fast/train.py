@@ -70,6 +70,9 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         raise ConfigError("train.device=cuda but no CUDA device is visible")
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:  # ranks sharing the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -197,14 +200,12 @@ def param_norm(module: torch.nn.Module, zero_stage: int) -> float:
     return float(sq) ** 0.5
 
 
-def grad_norm(engine, zero_stage: int) -> float | None:
-    """Global grad norm before clipping: DeepSpeed's when its optimiser computes one; at ZeRO 0
-    (full, already all-reduced gradients on every rank) computed here."""
-    norm = engine.get_global_grad_norm()
-    if norm is None and zero_stage == 0:
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    return None if norm is None else float(norm)
+def local_grad_norm(module: torch.nn.Module) -> float:
+    """Norm of the gradients as they stand: at ZeRO 0 without fp16, DeepSpeed hands the plain
+    torch optimiser full, all-reduced gradients and reports no norm, so it is taken here,
+    before the step (which clips and then zeroes them)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def check_replicas_identical(module: torch.nn.Module, world: int) -> None:
@@ -325,7 +326,7 @@ def pretrain(cfg: Config) -> int:
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     gen = torch.Generator(device=device)
     R, shift = cfg.model.image_size, schedule.resolution_shift(cfg.model.image_size)
-    local_batch = cfg.train.global_batch // world
+    own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
     from epg_fast.data import normalize
     from tqdm import tqdm
 
@@ -352,8 +353,8 @@ def pretrain(cfg: Config) -> int:
             )
         engine.backward(loss)
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == end
-        gnorm = grad_norm(engine, cfg.train.zero_stage) if log_now and cfg.optim.grad_clip == 0 else None
-        engine.step()  # optimiser step, then lr step
+        gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
+        engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
         ema.update()
         step += 1
         window["steps"] += 1
@@ -369,7 +370,7 @@ def pretrain(cfg: Config) -> int:
                 "loss": float(stats[0]), "contrastive": float(stats[1]), "consistency": float(stats[2]),
                 "N": num_levels, "n": n, "t_n": lv.t_n, "tau_contrastive": cfg.pretrain.tau_contrastive,
                 "tau_consistency": cfg.pretrain.tau_consistency, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": gnorm if gnorm is not None else grad_norm(engine, cfg.train.zero_stage),
+                "grad_norm": gnorm if own_grad_norm else engine.get_global_grad_norm(),
                 "param_norm": param_norm(engine.module, cfg.train.zero_stage),
                 "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
                 "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,

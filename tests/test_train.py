@@ -178,3 +178,23 @@ def test_bad_config_fails_before_any_work(env, tmp_path):
     assert proc.returncode == 2
     assert "unknown config key 'train.total_stpes'; did you mean 'train.total_steps'" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_config_mapping():
+    from epg_fast.config import load_config
+    from epg_fast.train import deepspeed_config
+
+    cfg = load_config(None, ["train.global_batch=64", "optim.grad_clip=1.5", "train.zero_stage=2"])
+    ds = deepspeed_config(cfg, world=4, precision="fp16")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 16, 1)
+    assert ds["gradient_clipping"] == 1.5 and ds["zero_optimization"]["stage"] == 2
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert not deepspeed_config(cfg, world=4, precision="bf16")["fp16"]["enabled"]  # bf16 = autocast
+
+
+def test_warmup_cosine_schedule():
+    from epg_fast.train import warmup_cosine
+
+    f = warmup_cosine(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0) and f(500) == pytest.approx(0.0)
