@@ -121,7 +121,7 @@ def test_ema_reference():
 def test_analytic_flops_match_flop_counter(preset):
     depth, dim, heads = ENCODER_PRESETS[preset]
     with torch.device("meta"):
-        m = PretrainEncoder(256, 16, dim, depth, heads).train()
+        m = PretrainEncoder(image_size=256, patch_size=16, dim=dim, depth=depth, heads=heads).train()
         x, t = torch.randn(2, 3, 256, 256), torch.rand(2) + 0.1
     with FlopCounterMode(display=False) as counter:
         m(x, t)

@@ -191,21 +191,10 @@ def projector(dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 class PretrainEncoder(nn.Module):
     """Encoder + final LN on the cls token (-> h) + projector (-> z): the pre-training network."""
 
-    def __init__(
-        self,
-        image_size: int,
-        patch_size: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        cls_tokens: int = 1,
-        proj_hidden: int = 4096,
-        proj_dim: int = 256,
-    ) -> None:
+    def __init__(self, proj_hidden: int = 4096, proj_dim: int = 256, **encoder_args) -> None:
         super().__init__()
-        self.encoder = Encoder(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens)
-        self.projection_head = projector(dim, proj_hidden, proj_dim)
+        self.encoder = Encoder(**encoder_args)
+        self.projection_head = projector(self.encoder.dim, proj_hidden, proj_dim)
         for m in self.projection_head:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -232,5 +221,6 @@ def build_pretrain_encoder(model_cfg) -> PretrainEncoder:
     """From a resolved `ModelConfig` (preset already expanded into depth/dim/heads)."""
     m = model_cfg
     return PretrainEncoder(
-        m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.mlp_ratio, m.cls_tokens, m.proj_hidden, m.proj_dim
+        proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, image_size=m.image_size, patch_size=m.patch_size,
+        dim=m.dim, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens,
     )
