@@ -24,11 +24,11 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "triton",  # the fused kernels; on CPU they run under the interpreter (tests)
         "tensorboard",
         "nvidia-ml-py",
     ],
     extras_require={
-        "triton": ["triton"],
         "dali": ["nvidia-dali-cuda120"],
         "flash": ["flash-attn"],
         "test": ["pytest"],

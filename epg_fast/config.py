@@ -45,6 +45,9 @@ class ModelConfig:
     proj_hidden: int = 4096  # projector hidden width (spec: 4096)
     proj_dim: int = 256  # projector output width
     attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa"))
+    # Fused Triton kernels: "auto" = on CUDA tensors, "triton" = always (CPU needs
+    # TRITON_INTERPRET=1), "reference" = PyTorch ops. EPG_KERNELS in the environment wins.
+    kernels: str = field(default="auto", metadata=_choices("auto", "triton", "reference"))
 
 
 @dataclass

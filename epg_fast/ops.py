@@ -1,10 +1,19 @@
 """The dispatch seam between the model and its kernels.
 
 Every memory-bound op around the matrix multiplies goes through one function here:
-layer_norm (plain or AdaLN-modulated), patch_embed, attention and ema_update. The model
-calls these and never asks which device or kernel path it runs on; this module decides.
-Today the ops run their PyTorch references from `epg_fast.kernels`; the fused Triton
-versions slot in here without touching the model. Which path runs is logged once per op.
+layer_norm (plain or AdaLN-modulated), gated_layer_norm (the decoder's gated residual + AdaLN
+LayerNorm), patch_embed, attention and ema_update. The model calls these and never asks
+which device or kernel path it runs on; this module decides, per call, from the kernel mode
+and the tensors' device:
+
+- `auto` (default): the fused Triton kernels for CUDA tensors, the PyTorch references
+  otherwise;
+- `triton`: always the kernels (on CPU only under the Triton interpreter, TRITON_INTERPRET=1,
+  which is how CI tests them);
+- `reference`: always the references.
+
+The mode comes from `model.kernels`; the environment variable EPG_KERNELS overrides it. The
+path each op takes is logged the first time and whenever it changes.
 """
 
 from __future__ import annotations
@@ -16,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from epg_fast.kernels.ema import ema_reference
-from epg_fast.kernels.layer_norm import layer_norm_reference
-from epg_fast.kernels.patch_embed import patch_embed_reference
+from epg_fast.kernels import ema as ema_kernels
+from epg_fast.kernels import layer_norm as ln_kernels
+from epg_fast.kernels import patch_embed as pe_kernels
 
 log = logging.getLogger("epg_fast")
 
@@ -27,16 +36,18 @@ try:  # optional: flash-attn 2 (needs CUDA to build)
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
-_ATTENTION_MODES = ("auto", "flash", "sdpa")
-_attention_mode = os.environ.get("EPG_ATTENTION", "auto")
+KERNEL_MODES = ("auto", "triton", "reference")
+ATTENTION_MODES = ("auto", "flash", "sdpa")
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_kernel_mode = "auto"
+_attention_mode = "auto"
 _seen: dict[str, str] = {}
 
 
 def _record(op: str, path: str) -> None:
-    """Log the path an op took, the first time and whenever it changes."""
     if _seen.get(op) != path:
         _seen[op] = path
-        log.info("op %-11s -> %s", op, path)
+        log.info("op %-16s -> %s", op, path)
 
 
 def paths() -> dict[str, str]:
@@ -44,18 +55,41 @@ def paths() -> dict[str, str]:
     return dict(_seen)
 
 
+def set_kernels(mode: str) -> str:
+    """Set the kernel mode from the config; EPG_KERNELS, when set, wins. Returns the mode."""
+    global _kernel_mode
+    mode = os.environ.get("EPG_KERNELS") or mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode (model.kernels or EPG_KERNELS) must be one of {KERNEL_MODES}, got {mode!r}")
+    _kernel_mode = mode
+    return mode
+
+
+def kernels_for(device: torch.device) -> str:
+    """'triton' or 'reference': the path the ops take for tensors on `device`."""
+    if _kernel_mode == "reference":
+        return "reference"
+    if device.type == "cuda":
+        return "triton"
+    if _kernel_mode == "triton":
+        if not _INTERPRET:
+            raise RuntimeError("kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        return "triton"
+    return "reference"
+
+
 def set_attention(mode: str) -> None:
     """`auto` (flash-attn when importable and usable, else SDPA), `flash` or `sdpa`."""
     global _attention_mode
-    if mode not in _ATTENTION_MODES:
-        raise ValueError(f"attention mode must be one of {_ATTENTION_MODES}, got {mode!r}")
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if mode == "flash" and flash_attn_func is None:
         raise RuntimeError("model.attention=flash but flash-attn is not installed")
     _attention_mode = mode
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend `attention` will use for tensors of this device and dtype."""
+def attention_backend(device: torch.device, dtype: torch.dtype | None) -> str:
+    """The backend `attention` uses for tensors of this device and dtype."""
     flash_ok = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if _attention_mode == "flash" and not flash_ok:
         raise RuntimeError(f"flash-attn cannot run on {device.type} tensors of dtype {dtype}")
@@ -81,19 +115,48 @@ def layer_norm(
     scale: Tensor | None = None,
 ) -> Tensor:
     """LN(x) * (1 + scale) + shift with fp32 statistics; plain LayerNorm without shift/scale."""
-    _record("layer_norm" if shift is None and scale is None else "adaln_norm", "reference")
-    return layer_norm_reference(x, weight, bias, eps, shift, scale)
+    path = kernels_for(x.device)
+    _record("layer_norm" if shift is None and scale is None else "adaln_norm", path)
+    fn = ln_kernels.layer_norm_triton if path == "triton" else ln_kernels.layer_norm_reference
+    return fn(x, weight, bias, eps, shift, scale)
+
+
+def gated_layer_norm(
+    x: Tensor,
+    gate: Tensor,
+    h: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    shift: Tensor | None = None,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """r = x + gate * h and y = LN(r) * (1 + scale) + shift, in one pass: returns (r, y)."""
+    path = kernels_for(x.device)
+    _record("gated_adaln_norm", path)
+    fn = ln_kernels.gated_layer_norm_triton if path == "triton" else ln_kernels.gated_layer_norm_reference
+    return fn(x, gate, h, weight, bias, eps, shift, scale)
 
 
 def patch_embed(
     x: Tensor, weight: Tensor, bias: Tensor | None, c_in: Tensor | None = None, pos: Tensor | None = None
 ) -> Tensor:
     """[B, C, H, W] -> [B, L, D]: patchify + linear, with optional input scale and pos add."""
-    _record("patch_embed", "reference")
-    return patch_embed_reference(x, weight, bias, c_in, pos)
+    path = kernels_for(x.device)
+    _record("patch_embed", path)
+    # The kernel reads the autocast state itself (GEMM operands in the autocast dtype, as F.conv2d).
+    fn = pe_kernels.patch_embed_triton if path == "triton" else pe_kernels.patch_embed_reference
+    return fn(x, weight, bias, c_in, pos)
 
 
 def ema_update(targets: list[Tensor], onlines: list[Tensor], rate: float) -> None:
     """In place: target = rate * target + (1 - rate) * online, for all pairs at once."""
-    _record("ema", "reference (torch._foreach_lerp_)")
-    ema_reference(targets, onlines, rate)
+    if not targets:
+        return
+    path = kernels_for(targets[0].device)
+    _record("ema", path if path == "triton" else "reference (torch._foreach_lerp_)")
+    fn = ema_kernels.ema_triton if path == "triton" else ema_kernels.ema_reference
+    fn(targets, onlines, rate)
+
+
+set_kernels("auto")  # honours EPG_KERNELS for every user of this module, not only the trainer

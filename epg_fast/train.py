@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 from epg_fast import ops, schedule
 from epg_fast.checkpoint import Checkpoints
-from epg_fast.data import DataError
 from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
+from epg_fast.data import DataError, build_loader, normalize
 from epg_fast.flops import pretrain_step_macs
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.models.encoder import PretrainEncoder, build_pretrain_encoder
@@ -89,8 +90,6 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 
 def setup_logging(rank: int, run_dir: Path) -> None:
     """Rank 0 logs INFO to the console and to run_dir/train.log; other ranks warnings only."""
-    from tqdm import tqdm
-
     class TqdmHandler(logging.StreamHandler):  # keeps the progress bar intact
         def emit(self, record: logging.LogRecord) -> None:
             tqdm.write(self.format(record), file=sys.stderr)
@@ -261,7 +260,7 @@ def startup_block(cfg: Config, rank: int, world: int, device: torch.device, prec
         f"parameters   {enc + proj:,} (encoder {enc:,}, projector {proj:,})",
         f"world size   {world} ({'nccl' if device.type == 'cuda' else 'gloo'}), device {device} [{name}]",
         f"precision    {precision}; attention {ops.attention_backend(device, autocast_dtype)}; "
-        f"kernels reference; ZeRO stage {cfg.train.zero_stage}",
+        f"kernels {ops.kernels_for(device)}; ZeRO stage {cfg.train.zero_stage}",
         f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
         f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}",
         f"compute      {2 * macs / 1e9:.2f} GFLOP per image per step (six encoder forwards, three with grad)",
@@ -276,9 +275,13 @@ def pretrain(cfg: Config) -> int:
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
     ops.set_attention(cfg.model.attention)
-    import deepspeed
-
-    from epg_fast.data import build_loader
+    ops.set_kernels(cfg.model.kernels)
+    # The data first: a bad root fails in a second, before any model is built.
+    loader = build_loader(
+        cfg.data, image_size=cfg.model.image_size, stage="pretrain", global_batch=cfg.train.global_batch,
+        rank=rank, world_size=world, seed=cfg.train.seed,
+    )
+    import deepspeed  # here, not at the top: setup_distributed chose its accelerator
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_pretrain_encoder(cfg.model).to(device)
@@ -294,14 +297,12 @@ def pretrain(cfg: Config) -> int:
         config=deepspeed_config(cfg, world, precision),
     )
     ema = TargetEMA(engine.module, target, cfg.pretrain.target_ema, cfg.pretrain.target_bn, cfg.train.zero_stage)
-    loader = build_loader(
-        cfg.data, image_size=cfg.model.image_size, stage="pretrain", global_batch=cfg.train.global_batch,
-        rank=rank, world_size=world, seed=cfg.train.seed,
-    )
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if resume is not None and not (resume / "COMPLETE").is_file():
+        raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
     if resume is not None:
         state = ckpts.load(engine, resume)
         target.load_state_dict(state["target"])
@@ -327,9 +328,6 @@ def pretrain(cfg: Config) -> int:
     gen = torch.Generator(device=device)
     R, shift = cfg.model.image_size, schedule.resolution_shift(cfg.model.image_size)
     own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
-    from epg_fast.data import normalize
-    from tqdm import tqdm
-
     bar = tqdm(total=end, initial=step, disable=rank != 0 or not (cfg.log.progress and sys.stderr.isatty()),
                dynamic_ncols=True, unit="step")
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}

@@ -2,6 +2,7 @@
 stop, SIGTERM and SIGKILL), two DeepSpeed ranks, ZeRO stages, bf16, and clear exits."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -198,3 +199,25 @@ def test_warmup_cosine_schedule():
     f = warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0) and f(500) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.root=/nonexistent/imagenet", "data error: data root does not exist: /nonexistent/imagenet"),
+    ("train.resume=/nonexistent/step_00000010", "is not a completed checkpoint folder"),
+])
+def test_bad_data_root_or_resume_path_is_a_one_line_error(env, tmp_path, override, message):
+    proc = subprocess.run(train_cmd(tmp_path, override), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fused_kernels_in_training(env, tmp_path):
+    """The trainer on the Triton path (interpreter on CPU): every op reports it, the loss is finite."""
+    fused = dict(env, EPG_KERNELS="triton", TRITON_INTERPRET="1")
+    run(train_cmd(tmp_path, "train.total_steps=2", "log.every=1"), fused)
+    log = (tmp_path / "train.log").read_text()
+    assert "kernels triton" in log
+    for op in ("layer_norm", "patch_embed", "ema"):
+        assert f"op {op:<16} -> triton" in log, op
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)

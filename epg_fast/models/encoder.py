@@ -31,7 +31,7 @@ ENCODER_PRESETS: dict[str, tuple[int, int, int]] = {
     "EPG-G": (12, 768, 12),
 }
 
-LN_EPS = 1e-6  # the reference's ViT LayerNorm epsilon
+LN_EPS = 1e-5  # the reference builds every LayerNorm with torch's default epsilon
 
 
 class LayerNorm(nn.LayerNorm):
@@ -94,7 +94,10 @@ class PatchEmbed(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Noise-conditioned ViT. forward(x_t, t) -> tokens [B, T+1+L, D] before the final norm."""
+    """Noise-conditioned ViT. forward(x_t, t) -> tokens [B, T+1+L, D] before the final norm.
+
+    The EPG model (models/epg.py) extends this class, so its encoder parameters keep these
+    names at the top level of its state dict, as in the reference checkpoints."""
 
     def __init__(
         self,
@@ -133,17 +136,29 @@ class Encoder(nn.Module):
         # torch's trunc_normal_ truncates at +-2 (absolute), i.e. ~100 std: as the reference.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """x_t: noisy images [B, 3, R, R]; t: shifted noise levels [B]."""
+    def forward(
+        self, x_t: Tensor, t: Tensor, cls_cond: Tensor | None = None, return_skips: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """x_t: noisy images [B, 3, R, R]; t: shifted noise levels [B].
+
+        cls_cond [B, D], when given, is added to every cls token (the fine-tuned model's class
+        embedding). With return_skips the output of every block comes back too, first block
+        first (the decoder's skip connections); the last of them is the returned tokens.
+        """
         B = x_t.shape[0]
         lead = self.cls_tokens + 1
         patches = self.patch_embed(x_t, schedule.c_in(t), self.pos_embed[:, lead:])
         time = schedule.time_embedding(schedule.c_noise(t), self.dim).to(patches.dtype)
-        head = torch.cat([self.cls_token.expand(B, -1, -1).to(patches.dtype), time[:, None]], dim=1)
+        cls = self.cls_token.expand(B, -1, -1)
+        if cls_cond is not None:
+            cls = cls + cls_cond[:, None]
+        head = torch.cat([cls.to(patches.dtype), time[:, None]], dim=1)
         x = torch.cat([head + self.pos_embed[:, :lead].to(patches.dtype), patches], dim=1)
+        skips = []
         for block in self.blocks:
             x = block(x)
-        return x
+            skips.append(x)
+        return (x, skips) if return_skips else x
 
 
 class ProjectorBatchNorm(nn.BatchNorm1d):
