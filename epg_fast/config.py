@@ -32,12 +32,16 @@ def _choices(*values: str) -> dict:
 
 @dataclass
 class ModelConfig:
-    # Encoder preset from models.encoder.ENCODER_PRESETS ("ViT-B", "EPG-L", ...), or "custom"
-    # to take depth/dim/heads below. A preset fills those three fields.
+    # "custom", or a preset that fills the architecture fields below: for pre-training an
+    # encoder of models.encoder.ENCODER_PRESETS ("ViT-B", "EPG-L", ...), for fine-tuning a
+    # model of models.epg.EPG_PRESETS (encoder + decoder: "EPG-L", "EPG-XL", ...).
     preset: str = "custom"
     depth: int | None = None
     dim: int | None = None
     heads: int | None = None
+    decoder_dim: int | None = None  # fine-tuning; custom default: dim
+    decoder_heads: int | None = None  # fine-tuning; custom default: heads
+    num_classes: int = 1000  # fine-tuning: class-conditional generation (+1 "no class" label)
     image_size: int = 256
     patch_size: int = 16
     cls_tokens: int = 1
@@ -73,6 +77,43 @@ class PretrainConfig:
     target_bn: str = field(default="initial", metadata=_choices("initial", "ema", "batch"))
     # How sg(f(b').h) is computed: "no_grad" (fast) or "detach" (reference: build, then detach).
     consistency_target: str = field(default="no_grad", metadata=_choices("no_grad", "detach"))
+
+
+@dataclass
+class InitConfig:
+    # Fine-tuning: the pre-training checkpoint folder (step_XXXXXXXX) or a state-dict file whose
+    # encoder weights start the EPG encoder; the projector is dropped. None = random init.
+    encoder: str | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    label_dropout: float = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
+    ema: float = 0.9999  # EMA rate of the weights used for sampling
+    sample_every: int = 5000  # steps between EMA sample grids in run_dir/samples (0 = never)
+    sample_count: int = 16
+    sample_sampler: str = field(default="auto", metadata=_choices("auto", "euler", "heun", "onestep"))
+    sample_steps: int = 32  # levels of the sampler (auto: heun for denoise, onestep for consistency)
+    sample_guidance: float = 1.0  # classifier-free guidance scale inside the interval (1 = off)
+
+
+@dataclass
+class DenoiseConfig:
+    p_mean: float = -1.2  # ln sigma ~ N(p_mean, p_std^2), snapped to the grid
+    p_std: float = 2.0
+    levels: int = 1280
+
+
+@dataclass
+class ConsistencyConfig:
+    p_mean: float = -1.1  # ln t ~ N(p_mean, p_std^2)
+    p_std: float = 2.0
+    q: float = 4.0  # ECT: r = t (1 - q^-stage (1 + k sigmoid(-b t)))
+    k: float = 8.0
+    b: float = 1.0
+    stage_steps: int = 10_000  # d: steps per ECT stage
+    stage_offset: int = 0  # stage = step // stage_steps + stage_offset (the reference starts at 1)
+    huber_c: float = 0.08  # pseudo-Huber constant
 
 
 @dataclass
@@ -116,6 +157,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -255,25 +300,32 @@ def load_config(path: str | Path | None, overrides: list[str] = (), stage: str |
 
 def resolve(cfg: Config) -> None:
     """Fill derived values (encoder preset, run dir) and check ranges; raises ConfigError."""
-    from epg_fast.models.encoder import ENCODER_PRESETS  # local: models import config types
+    from epg_fast.models.encoder import ENCODER_PRESETS  # local: the models import this module
+    from epg_fast.models.epg import EPG_PRESETS
 
     _check_choices(cfg, "")
     m = cfg.model
+    finetune = cfg.stage != "pretrain"
+    arch = ("depth", "dim", "heads") + (("decoder_dim", "decoder_heads") if finetune else ())
     if m.preset != "custom":
-        if m.preset not in ENCODER_PRESETS:
-            close = difflib.get_close_matches(m.preset, list(ENCODER_PRESETS), n=1)
+        presets = {k: tuple(v)[:5] for k, v in EPG_PRESETS.items()} if finetune else ENCODER_PRESETS
+        if m.preset not in presets:
+            close = difflib.get_close_matches(m.preset, list(presets), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown model.preset '{m.preset}'{hint} (known: custom, {', '.join(ENCODER_PRESETS)})"
+                f"unknown model.preset '{m.preset}' for stage {cfg.stage}{hint} (known: custom, {', '.join(presets)})"
             )
-        for key, value in zip(("depth", "dim", "heads"), ENCODER_PRESETS[m.preset]):
+        for key, value in zip(arch, presets[m.preset]):
             if getattr(m, key) not in (None, value):
                 raise ConfigError(
                     f"model.{key}={getattr(m, key)} conflicts with model.preset={m.preset} ({value}); "
                     "use model.preset=custom to set it"
                 )
             setattr(m, key, value)
-    for key in ("depth", "dim", "heads"):
+    if finetune:  # a custom decoder defaults to the encoder's width
+        m.decoder_dim = m.decoder_dim if m.decoder_dim is not None else m.dim
+        m.decoder_heads = m.decoder_heads if m.decoder_heads is not None else m.heads
+    for key in arch:
         if getattr(m, key) is None:
             raise ConfigError(f"model.{key} must be set when model.preset=custom")
     positive = {
@@ -290,10 +342,22 @@ def resolve(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {value}")
-    if m.dim % m.heads:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
-    if (m.dim // m.heads) % 8:
-        raise ConfigError(f"head dim model.dim/model.heads={m.dim // m.heads} must be a multiple of 8")
+    widths = [("model.dim", m.dim, "model.heads", m.heads)]
+    if finetune:
+        widths.append(("model.decoder_dim", m.decoder_dim, "model.decoder_heads", m.decoder_heads))
+    for dim_key, dim, heads_key, heads in widths:
+        if dim <= 0 or heads <= 0 or dim % heads:
+            raise ConfigError(f"{dim_key}={dim} is not divisible by {heads_key}={heads}")
+        if (dim // heads) % 8:
+            raise ConfigError(f"head dim {dim_key}/{heads_key}={dim // heads} must be a multiple of 8")
+    f = cfg.finetune
+    if finetune and not (0.0 <= f.label_dropout < 1.0 and 0.0 <= f.ema < 1.0):
+        raise ConfigError("finetune.label_dropout and finetune.ema must be in [0, 1)")
+    if finetune and (m.num_classes <= 0 or f.sample_every < 0 or f.sample_count <= 0 or f.sample_steps < 1):
+        raise ConfigError("model.num_classes, finetune.sample_count and finetune.sample_steps must be > 0, "
+                          "finetune.sample_every >= 0")
+    if finetune and (cfg.denoise.levels < 2 or cfg.consistency.stage_steps <= 0 or cfg.consistency.huber_c <= 0):
+        raise ConfigError("denoise.levels must be >= 2, consistency.stage_steps and consistency.huber_c > 0")
     if m.dim % 2:
         raise ConfigError(f"model.dim={m.dim} must be even (sinusoidal time embedding)")
     if m.image_size % m.patch_size:

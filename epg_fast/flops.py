@@ -33,3 +33,28 @@ def pretrain_step_macs(model_cfg) -> int:
     enc = vit_macs(m.image_size, m.patch_size, m.dim, m.depth, m.mlp_ratio, m.cls_tokens + 1)
     proj = projector_macs(m.dim, m.proj_hidden, m.proj_dim)
     return 3 * 3 * enc + 2 * 3 * proj + 1 * enc + 2 * (enc + proj)
+
+
+def epg_macs(image_size: int, patch_size: int, dim: int, depth: int, decoder_dim: int, mlp_ratio: float = 4.0,
+             extra_tokens: int = 2) -> int:
+    """Multiply-adds of one EPG forward (encoder + decoder + head) for one image."""
+    patches = (image_size // patch_size) ** 2
+    tokens = patches + extra_tokens
+    D, hidden = decoder_dim, int(decoder_dim * mlp_ratio)
+    bridge = tokens * dim * D if D != dim else 0  # encoder_to_decoder
+    per_block = (
+        tokens * (dim + D) * D  # skip_linear
+        + dim * 6 * D  # adaLN modulation of the condition (once per image)
+        + tokens * D * 3 * D + 2 * tokens * tokens * D + tokens * D * D  # attention
+        + 2 * tokens * D * hidden  # MLP
+    )
+    head = patches * D * patch_size * patch_size * 3
+    return vit_macs(image_size, patch_size, dim, depth, mlp_ratio, extra_tokens) + bridge + depth * per_block + head
+
+
+def finetune_step_macs(model_cfg, stage: str) -> int:
+    """Multiply-adds per image of one fine-tuning step, forward and backward: `denoise` is one
+    forward with gradients (x3); `consistency` adds the target's forward without gradients."""
+    m = model_cfg
+    fwd = epg_macs(m.image_size, m.patch_size, m.dim, m.depth, m.decoder_dim, m.mlp_ratio, m.cls_tokens + 1)
+    return 3 * fwd + (fwd if stage == "consistency" else 0)

@@ -1,8 +1,10 @@
-"""The EPG trainer: `deepspeed epg_fast/train.py --stage pretrain [--config FILE] [key=value ...]`.
+"""The EPG trainer: `deepspeed epg_fast/train.py --stage pretrain|denoise|consistency
+[--config FILE] [key=value ...]`, also as a single process (`python epg_fast/train.py ...`).
 
-Also runs as a single process (`python epg_fast/train.py ...`). One step reads top to bottom:
-batch -> views on device -> curriculum level + shared noise -> objective -> DeepSpeed
-backward/step (optimiser, lr) -> target EMA -> metrics -> checkpoint.
+One loop for every stage; one step reads top to bottom: batch -> the stage's loss (views,
+levels and noise from (seed, step, rank)) -> DeepSpeed backward/step (optimiser, lr) ->
+shadow EMA (pre-training's target, fine-tuning's sampling weights) -> metrics -> samples ->
+checkpoint. What differs between stages lives in epg_fast/stages.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
-import copy
 import hashlib
 import logging
 import math
@@ -33,14 +34,12 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast import ops, schedule
+from epg_fast import ops
 from epg_fast.checkpoint import Checkpoints
 from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
-from epg_fast.data import DataError, build_loader, normalize
-from epg_fast.flops import pretrain_step_macs
+from epg_fast.data import DataError, build_loader
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
-from epg_fast.models.encoder import PretrainEncoder, build_pretrain_encoder
-from epg_fast.objectives.pretrain import levels, pretrain_loss
+from epg_fast.stages import build_stage
 
 log = logging.getLogger("epg_fast")
 
@@ -171,7 +170,7 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------------------------------
-# The pre-training loop
+# The training loop (every stage; epg_fast/stages.py holds what differs)
 
 
 def step_generator(gen: torch.Generator, seed: int, step: int, rank: int) -> torch.Generator:
@@ -220,10 +219,23 @@ def check_replicas_identical(module: torch.nn.Module, world: int) -> None:
         log.error("online weights DIFFER across ranks: %s", [d[:16] for d in digests])
 
 
-class TargetEMA:
-    """The target network f-: EMA of the online parameters after every optimiser step."""
+def mean_over_ranks(values: dict, world: int) -> dict:
+    """Tensor metrics averaged over ranks in one all-reduce (numbers pass through)."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    out = {k: v for k, v in values.items() if k not in keys}
+    if keys:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+        if world > 1:
+            dist.all_reduce(stacked)
+        out.update({k: float(v) / world for k, v in zip(keys, stacked)})
+    return {"loss": out.pop("loss"), **out}
 
-    def __init__(self, online: PretrainEncoder, target: PretrainEncoder, rate: float, bn_mode: str, zero_stage: int):
+
+class ShadowEMA:
+    """The shadow network (pre-training's target f-, fine-tuning's EMA weights): EMA of the
+    online parameters after every optimiser step."""
+
+    def __init__(self, online: torch.nn.Module, target: torch.nn.Module, rate: float, bn_mode: str, zero_stage: int):
         self.rate, self.bn_mode, self.zero_stage = rate, bn_mode, zero_stage
         self.online_params = list(online.parameters())
         self.target_params = list(target.parameters())
@@ -247,28 +259,24 @@ class TargetEMA:
             ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
 
 
-def startup_block(cfg: Config, rank: int, world: int, device: torch.device, precision: str, model, loader, autocast_dtype) -> None:
-    if rank != 0:
-        return
-    enc = sum(p.numel() for p in model.encoder.parameters())
-    proj = sum(p.numel() for p in model.projection_head.parameters())
+def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage, loader, autocast_dtype) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    macs = pretrain_step_macs(cfg.model)
     lines = [
         "resolved config:",
         yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
-        f"parameters   {enc + proj:,} (encoder {enc:,}, projector {proj:,})",
+        f"stage        {cfg.stage}",
+        f"parameters   {stage.describe()}",
         f"world size   {world} ({'nccl' if device.type == 'cuda' else 'gloo'}), device {device} [{name}]",
         f"precision    {precision}; attention {ops.attention_backend(device, autocast_dtype)}; "
         f"kernels {ops.kernels_for(device)}; ZeRO stage {cfg.train.zero_stage}",
         f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
         f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}",
-        f"compute      {2 * macs / 1e9:.2f} GFLOP per image per step (six encoder forwards, three with grad)",
+        f"compute      {2 * stage.macs_per_image() / 1e9:.2f} GFLOP per image per step ({stage.compute()})",
     ]
     log.info("\n".join(lines))
 
 
-def pretrain(cfg: Config) -> int:
+def train(cfg: Config) -> int:
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = setup_distributed(cfg)
     run_dir = Path(cfg.train.run_dir)
@@ -278,25 +286,24 @@ def pretrain(cfg: Config) -> int:
     ops.set_kernels(cfg.model.kernels)
     # The data first: a bad root fails in a second, before any model is built.
     loader = build_loader(
-        cfg.data, image_size=cfg.model.image_size, stage="pretrain", global_batch=cfg.train.global_batch,
+        cfg.data, image_size=cfg.model.image_size, stage=cfg.stage, global_batch=cfg.train.global_batch,
         rank=rank, world_size=world, seed=cfg.train.seed,
     )
     import deepspeed  # here, not at the top: setup_distributed chose its accelerator
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_pretrain_encoder(cfg.model).to(device)
-    target = copy.deepcopy(model)  # f- starts equal to f
+    stage = build_stage(cfg, device)
     lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.optim.betas))
+    optimizer = torch.optim.AdamW(param_groups(stage.model, cfg), lr=lr, betas=tuple(cfg.optim.betas))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
+        model=stage.model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.total_steps)
         ),
         config=deepspeed_config(cfg, world, precision),
     )
-    ema = TargetEMA(engine.module, target, cfg.pretrain.target_ema, cfg.pretrain.target_bn, cfg.train.zero_stage)
+    ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.bn_mode, cfg.train.zero_stage)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
@@ -305,28 +312,32 @@ def pretrain(cfg: Config) -> int:
         raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
     if resume is not None:
         state = ckpts.load(engine, resume)
-        target.load_state_dict(state["target"])
+        if state.get("config", {}).get("stage") != cfg.stage:
+            raise ConfigError(f"train.resume: {resume} is a '{state.get('config', {}).get('stage')}' checkpoint, "
+                              f"this run is '{cfg.stage}' (use another train.run_dir)")
+        stage.shadow.load_state_dict(state[stage.shadow_key])
         loader.load_state_dict(state["data"])
         step = state["step"]
         log.info("resumed from %s at step %d", resume, step)
     end = cfg.train.stop_after or cfg.train.total_steps
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    startup_block(cfg, rank, world, device, precision, engine.module, loader, autocast_dtype)
+    if rank == 0:
+        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype)
     if step >= end:
         log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
         return 0
 
     def client_state() -> dict:
-        return {"step": step, "target": target.state_dict(), "data": loader.state_dict(), "config": cfg.to_dict()}
+        return {"step": step, stage.shadow_key: stage.shadow.state_dict(), "data": loader.state_dict(),
+                "config": cfg.to_dict()}
 
     stop = StopRequest()
     metrics = MetricsWriter(run_dir, rank == 0, cfg.log.tensorboard)
     telemetry = GPUTelemetry(device)
     peak = cfg.log.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    flops_per_step = 2 * pretrain_step_macs(cfg.model) * cfg.train.global_batch
+    flops_per_step = 2 * stage.macs_per_image() * cfg.train.global_batch
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     gen = torch.Generator(device=device)
-    R, shift = cfg.model.image_size, schedule.resolution_shift(cfg.model.image_size)
     own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
     bar = tqdm(total=end, initial=step, disable=rank != 0 or not (cfg.log.progress and sys.stderr.isatty()),
                dynamic_ncols=True, unit="step")
@@ -337,18 +348,11 @@ def pretrain(cfg: Config) -> int:
         t_wait = time.perf_counter()
         batch = next(batches)
         window["wait"] += time.perf_counter() - t_wait
-        x, y1, y2 = (normalize(batch[k].to(device, non_blocking=True), cfg.data.normalization) for k in ("x", "y1", "y2"))
-
-        num_levels = schedule.curriculum_steps(step, cfg.train.total_steps, cfg.pretrain.s0, cfg.pretrain.s1)
-        n_local = int(torch.randint(num_levels - 1, (1,), generator=step_generator(gen, cfg.train.seed, step, 0), device=device))
-        n, stop_now = sync_step_decisions(n_local, stop.requested, device)
-        lv = levels(n, num_levels, R)
-        noise = torch.randn(x.shape, generator=step_generator(gen, cfg.train.seed, step, rank + 1), device=device)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        n, stop_now = sync_step_decisions(stage.draw(step, step_generator(gen, cfg.train.seed, step, 0)),
+                                          stop.requested, device)
         with autocast:
-            loss, parts = pretrain_loss(
-                engine, target, x, y1, y2, noise, lv, cfg.pretrain.tau_contrastive,
-                cfg.pretrain.tau_consistency, cfg.pretrain.consistency_target,
-            )
+            loss, parts = stage.loss(engine, batch, step, n, step_generator(gen, cfg.train.seed, step, rank + 1))
         engine.backward(loss)
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == end
         gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
@@ -359,21 +363,17 @@ def pretrain(cfg: Config) -> int:
         bar.update(1)
 
         if log_now:
-            stats = torch.stack([loss.detach().float(), parts["contrastive"].float(), parts["consistency"].float()])
-            dist.all_reduce(stats)
-            stats /= world
+            row = mean_over_ranks({"loss": loss.detach(), **parts}, world)
             elapsed = time.perf_counter() - window["t"]
             imgs = window["steps"] * cfg.train.global_batch / elapsed
-            row = {
-                "loss": float(stats[0]), "contrastive": float(stats[1]), "consistency": float(stats[2]),
-                "N": num_levels, "n": n, "t_n": lv.t_n, "tau_contrastive": cfg.pretrain.tau_contrastive,
-                "tau_consistency": cfg.pretrain.tau_consistency, "lr": scheduler.get_last_lr()[0],
+            row.update({
+                "lr": scheduler.get_last_lr()[0],
                 "grad_norm": gnorm if own_grad_norm else engine.get_global_grad_norm(),
                 "param_norm": param_norm(engine.module, cfg.train.zero_stage),
                 "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
                 "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
                 "epoch": loader.state_dict()["epoch"],
-            }
+            })
             if device.type == "cuda":
                 tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
                 row.update({"tflops_per_gpu": tflops, "gpu/max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
@@ -381,13 +381,14 @@ def pretrain(cfg: Config) -> int:
                     row["mfu"] = tflops / peak
                 row.update(telemetry.sample())
             metrics.write(step, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{imgs:.1f}", N=num_levels)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{imgs:.1f}")
             if bar.disable:
-                log.info("step %d/%d loss %.4f (contrastive %.4f, consistency %.4f) N %d lr %.2e %.1f img/s data wait %.0f%%",
-                         step, end, row["loss"], row["contrastive"], row["consistency"], num_levels, row["lr"], imgs,
-                         100 * row["data_wait_frac"])
+                details = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in parts and k != "loss")
+                log.info("step %d/%d loss %.4f (%s) lr %.2e %.1f img/s data wait %.0f%%",
+                         step, end, row["loss"], details, row["lr"], imgs, 100 * row["data_wait_frac"])
             window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
 
+        stage.after_step(step, run_dir, rank)
         if step % cfg.train.save_every == 0 or step == end or stop_now:
             ckpts.save(engine, step, client_state())
         if stop_now:
@@ -404,13 +405,9 @@ def pretrain(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.stage != "pretrain":
-        print(f"epg_fast: --stage {args.stage} is not available yet: the fine-tuning stages (denoise, "
-              "consistency) land with their own issue. Only --stage pretrain runs today.", file=sys.stderr)
-        return 2
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
-        return pretrain(cfg)
+        return train(cfg)
     except ConfigError as err:
         print(f"epg_fast: config error: {err}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ def test_parse_overrides_nesting_and_types():
         ("train.precision=fp8", "'train.precision' must be one of auto, fp32, bf16, fp16"),
         ("train.zero_stage=4", "train.zero_stage must be 0, 1, 2 or 3"),
         ("train.global_batch=0", "'train.global_batch' must be > 0"),
-        ("model.preset=EPG-XLL", "unknown model.preset 'EPG-XLL'; did you mean 'EPG-XL'"),
+        ("model.preset=EPG-XLL", "unknown model.preset 'EPG-XLL' for stage pretrain; did you mean 'EPG-XL'"),
         ("model=3", "'model' is a section"),
         ("train.stop_after=1000", "train.stop_after=1000 must be in [1, train.total_steps=300]"),
     ],

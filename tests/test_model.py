@@ -135,3 +135,18 @@ def test_encoder_preset_sizes():
     with torch.device("meta"):
         n = sum(p.numel() for p in Encoder(256, 16, dim, depth, heads).parameters())
     assert n == pytest.approx(86.0e6, rel=0.01)  # the ViT-B/16 body
+
+
+@pytest.mark.parametrize("preset", ["EPG-XL", "EPG-L"])
+def test_epg_analytic_flops_match_flop_counter(preset):
+    from epg_fast.flops import epg_macs
+    from epg_fast.models.epg import build_epg
+
+    with torch.device("meta"):
+        m = build_epg(preset, 256, 16)
+        x, t, y = torch.randn(2, 3, 256, 256), torch.rand(2) + 0.1, torch.zeros(2, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        m(x, t, y)
+    p = m.patch_size
+    want = epg_macs(256, p, m.dim, len(m.blocks), m.out_norm.normalized_shape[0])
+    assert counter.get_total_flops() / 2 / 2 == pytest.approx(want, rel=1e-9)

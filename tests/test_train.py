@@ -168,12 +168,6 @@ def test_bf16_on_cpu(env, tmp_path):
     assert "precision    bf16" in (tmp_path / "train.log").read_text()
 
 
-def test_fine_tuning_stages_exit_with_a_clear_message(env):
-    for stage in ("denoise", "consistency"):
-        proc = subprocess.run([sys.executable, TRAIN, "--stage", stage], env=env, capture_output=True, text=True)
-        assert proc.returncode == 2 and "not available yet" in proc.stderr
-
-
 def test_bad_config_fails_before_any_work(env, tmp_path):
     proc = subprocess.run(train_cmd(tmp_path / "run", "train.total_stpes=3"), env=env, capture_output=True, text=True)
     assert proc.returncode == 2
