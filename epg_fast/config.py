@@ -46,6 +46,7 @@ class ModelConfig:
     patch_size: int = 16
     cls_tokens: int = 1
     mlp_ratio: float = 4.0
+    dropout: float = 0.0  # after attention and in the MLP (the reference's consistency EPG-L: 0.5)
     proj_hidden: int = 4096  # projector hidden width (spec: 4096)
     proj_dim: int = 256  # projector output width
     attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa"))
@@ -114,6 +115,9 @@ class ConsistencyConfig:
     stage_steps: int = 10_000  # d: steps per ECT stage
     stage_offset: int = 0  # stage = step // stage_steps + stage_offset (the reference starts at 1)
     huber_c: float = 0.08  # pseudo-Huber constant
+    # Optional perceptual term: weight of the NCE between frozen pre-trained encoder features
+    # (init.encoder) of the prediction and of the clean image; 0 = off (the reference uses 1).
+    perceptual_weight: float = 0.0
 
 
 @dataclass
@@ -356,6 +360,8 @@ def resolve(cfg: Config) -> None:
     if finetune and (m.num_classes <= 0 or f.sample_every < 0 or f.sample_count <= 0 or f.sample_steps < 1):
         raise ConfigError("model.num_classes, finetune.sample_count and finetune.sample_steps must be > 0, "
                           "finetune.sample_every >= 0")
+    if cfg.stage == "consistency" and cfg.consistency.perceptual_weight > 0 and not cfg.init.encoder:
+        raise ConfigError("consistency.perceptual_weight > 0 needs init.encoder (the frozen feature network)")
     if finetune and (cfg.denoise.levels < 2 or cfg.consistency.stage_steps <= 0 or cfg.consistency.huber_c <= 0):
         raise ConfigError("denoise.levels must be >= 2, consistency.stage_steps and consistency.huber_c > 0")
     if m.dim % 2:
@@ -372,6 +378,8 @@ def resolve(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
         raise ConfigError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
     if cfg.train.stop_after is not None and not 0 < cfg.train.stop_after <= cfg.train.total_steps:

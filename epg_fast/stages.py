@@ -20,7 +20,7 @@ from epg_fast import schedule
 from epg_fast.config import Config, ConfigError
 from epg_fast.data import normalize
 from epg_fast.flops import finetune_step_macs, pretrain_step_macs
-from epg_fast.models.encoder import build_pretrain_encoder
+from epg_fast.models.encoder import PretrainEncoder, build_pretrain_encoder
 from epg_fast.models.epg import EPG, load_encoder_from_pretrain
 from epg_fast.objectives.consistency import consistency_loss
 from epg_fast.objectives.denoise import denoise_loss
@@ -101,6 +101,25 @@ def load_pretrained_encoder(path: str, weights: str = "module") -> dict[str, Ten
     return sd
 
 
+def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torch.device):
+    """The consistency stage's perceptual feature map: the frozen pre-trained encoder's
+    normalised cls feature h of an image seen at the cleanest level s * sigma_min."""
+    m = cfg.model
+    encoder = PretrainEncoder(
+        proj_hidden=pretrained["projection_head.0.weight"].shape[0], proj_dim=pretrained["projection_head.6.weight"].shape[0],
+        image_size=m.image_size, patch_size=m.patch_size, dim=m.dim, depth=m.depth, heads=m.heads,
+        mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens,
+    )
+    encoder.load_state_dict(pretrained)
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    t0 = schedule.resolution_shift(m.image_size) * schedule.SIGMA_MIN
+
+    def features(images: Tensor) -> Tensor:
+        return encoder.features(images, torch.full((images.shape[0],), t0, device=images.device))
+
+    return features
+
+
 class FinetuneStage:
     """EPG (encoder + decoder), fine-tuned into a diffusion (`denoise`) or one-step
     consistency (`consistency`) model; EMA weights for sampling."""
@@ -111,11 +130,15 @@ class FinetuneStage:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, m = cfg, cfg.model
         model = EPG(m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.decoder_dim, m.decoder_heads,
-                    m.num_classes, m.mlp_ratio, m.cls_tokens)
+                    m.num_classes, m.mlp_ratio, m.cls_tokens, m.dropout)
+        self.perceptual = None
         if cfg.init.encoder:
-            missing, unexpected = load_encoder_from_pretrain(model, load_pretrained_encoder(cfg.init.encoder))
+            pretrained = load_pretrained_encoder(cfg.init.encoder)
+            missing, unexpected = load_encoder_from_pretrain(model, pretrained)
             log.info("encoder initialised from %s (projector dropped); missing keys: %s; unexpected keys: %s",
                      cfg.init.encoder, missing or "none", unexpected or "none")
+            if cfg.stage == "consistency" and cfg.consistency.perceptual_weight > 0:
+                self.perceptual = (perceptual_features(cfg, pretrained, device), cfg.consistency.perceptual_weight)
         else:
             log.warning("init.encoder is not set: the encoder starts from random weights")
         self.model = model.to(device)
@@ -147,7 +170,8 @@ class FinetuneStage:
             return denoise_loss(engine, x, y, p_mean=d.p_mean, p_std=d.p_std, levels=d.levels, **common)
         c = cfg.consistency
         return consistency_loss(engine, x, y, step=step, p_mean=c.p_mean, p_std=c.p_std, q=c.q, k=c.k, b=c.b,
-                                stage_steps=c.stage_steps, stage_offset=c.stage_offset, huber_c=c.huber_c, **common)
+                                stage_steps=c.stage_steps, stage_offset=c.stage_offset, huber_c=c.huber_c,
+                                perceptual=self.perceptual, **common)
 
     def after_step(self, step: int, run_dir: Path, rank: int) -> None:
         """Every finetune.sample_every steps rank 0 writes a grid of EMA samples."""

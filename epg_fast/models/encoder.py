@@ -45,37 +45,39 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)  # on the output projection, as the reference's proj_drop
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2)
-        return self.proj(ops.attention(q, k, v).reshape(B, T, D))
+        return self.drop(self.proj(ops.attention(q, k, v).reshape(B, T, D)))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)  # after the activation and after fc2, as the reference
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, dropout)
         self.norm2 = LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -108,6 +110,7 @@ class Encoder(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         cls_tokens: int = 1,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.dim, self.patch_size, self.cls_tokens = dim, patch_size, cls_tokens
@@ -115,7 +118,7 @@ class Encoder(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, cls_tokens, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cls_tokens + 1 + num_patches, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = LayerNorm(dim)
         self._init_weights()
 
@@ -237,5 +240,5 @@ def build_pretrain_encoder(model_cfg) -> PretrainEncoder:
     m = model_cfg
     return PretrainEncoder(
         proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, image_size=m.image_size, patch_size=m.patch_size,
-        dim=m.dim, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens,
+        dim=m.dim, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens, dropout=m.dropout,
     )

@@ -55,14 +55,14 @@ class DecoderBlock(nn.Module):
     top of them: LN(x) * (1 + scale) + shift.
     """
 
-    def __init__(self, dim: int, encoder_dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, encoder_dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(dim + encoder_dim, dim)
         self.skip_norm = LayerNorm(dim)
         self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, dropout)
         self.norm2 = LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
         # The condition c has the encoder's width; index 1 is the reference's adaLN_modulation.1.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(encoder_dim, 6 * dim))
 
@@ -96,13 +96,14 @@ class EPG(Encoder):
         num_classes: int = 1000,
         mlp_ratio: float = 4.0,
         cls_tokens: int = 1,
+        dropout: float = 0.0,
     ) -> None:
-        super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens)
+        super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens, dropout)
         self.image_size, self.num_classes = image_size, num_classes
         self.class_embed = nn.Embedding(num_classes + 1, dim)  # last row: "no class"
         self.encoder_to_decoder = nn.Linear(dim, decoder_dim) if decoder_dim != dim else nn.Identity()
         self.decoder_blocks = nn.ModuleList(
-            DecoderBlock(decoder_dim, dim, decoder_heads, mlp_ratio) for _ in range(depth)
+            DecoderBlock(decoder_dim, dim, decoder_heads, mlp_ratio, dropout) for _ in range(depth)
         )
         self.out_norm = LayerNorm(decoder_dim)
         self.out = nn.Linear(decoder_dim, patch_size * patch_size * 3)
