@@ -91,7 +91,6 @@ class InitConfig:
 class FinetuneConfig:
     label_dropout: float = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
     ema: float = 0.9999  # EMA rate of the weights used for sampling
-    sample_every: int = 5000  # steps between EMA sample grids in run_dir/samples (0 = never)
     sample_count: int = 16
     sample_sampler: str = field(default="auto", metadata=_choices("auto", "euler", "heun", "onestep"))
     sample_steps: int = 32  # levels of the sampler (auto: heun for denoise, onestep for consistency)
@@ -142,6 +141,7 @@ class TrainConfig:
     zero_stage: int = 0
     run_dir: str | None = None  # None = runs/<stage>-<config name>
     save_every: int = 5000
+    sample_every: int = 5000  # fine-tuning: steps between EMA sample grids in run_dir/samples (0 = never)
     keep_last: int = 3  # completed checkpoints kept on disk
     resume: str = "auto"  # "auto" (newest valid checkpoint in run_dir), "none", or a checkpoint path
 
@@ -357,9 +357,9 @@ def resolve(cfg: Config) -> None:
     f = cfg.finetune
     if finetune and not (0.0 <= f.label_dropout < 1.0 and 0.0 <= f.ema < 1.0):
         raise ConfigError("finetune.label_dropout and finetune.ema must be in [0, 1)")
-    if finetune and (m.num_classes <= 0 or f.sample_every < 0 or f.sample_count <= 0 or f.sample_steps < 1):
+    if finetune and (m.num_classes <= 0 or cfg.train.sample_every < 0 or f.sample_count <= 0 or f.sample_steps < 1):
         raise ConfigError("model.num_classes, finetune.sample_count and finetune.sample_steps must be > 0, "
-                          "finetune.sample_every >= 0")
+                          "train.sample_every >= 0")
     if cfg.stage == "consistency" and cfg.consistency.perceptual_weight > 0 and not cfg.init.encoder:
         raise ConfigError("consistency.perceptual_weight > 0 needs init.encoder (the frozen feature network)")
     if finetune and (cfg.denoise.levels < 2 or cfg.consistency.stage_steps <= 0 or cfg.consistency.huber_c <= 0):

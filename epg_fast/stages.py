@@ -174,9 +174,10 @@ class FinetuneStage:
                                 perceptual=self.perceptual, **common)
 
     def after_step(self, step: int, run_dir: Path, rank: int) -> None:
-        """Every finetune.sample_every steps rank 0 writes a grid of EMA samples."""
+        """Every train.sample_every steps rank 0 writes a grid of EMA samples."""
         f = self.cfg.finetune
-        if rank != 0 or not f.sample_every or step % f.sample_every:
+        every = self.cfg.train.sample_every
+        if rank != 0 or not every or step % every:
             return
         from epg_fast.sample import write_sample_grid
 

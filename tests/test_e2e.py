@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "epg_fast" / "train.py")
 ARCH = ["model.depth=2", "model.dim=32", "model.heads=2", "model.image_size=16", "model.patch_size=4",
         "train.global_batch=8", "data.workers=0", "log.every=5", "optim.warmup_steps=3"]
-FINETUNE = ARCH + ["model.decoder_dim=48", "model.decoder_heads=2", "model.num_classes=8", "finetune.sample_every=0"]
+FINETUNE = ARCH + ["model.decoder_dim=48", "model.decoder_heads=2", "model.num_classes=8", "train.sample_every=0"]
 
 
 def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
