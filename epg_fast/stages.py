@@ -175,7 +175,6 @@ class FinetuneStage:
 
     def after_step(self, step: int, run_dir: Path, rank: int) -> None:
         """Every train.sample_every steps rank 0 writes a grid of EMA samples."""
-        f = self.cfg.finetune
         every = self.cfg.train.sample_every
         if rank != 0 or not every or step % every:
             return

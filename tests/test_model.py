@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from epg_fast import ops, schedule
+from epg_fast import ops
 from epg_fast.flops import projector_macs, vit_macs
 from epg_fast.kernels.ema import ema_reference
 from epg_fast.kernels.layer_norm import layer_norm_reference

@@ -3,7 +3,6 @@ the two-rank NCE against the single-process one, and the full loss against a nai
 composition of separate network calls."""
 
 import math
-import os
 
 import numpy as np
 import pytest
