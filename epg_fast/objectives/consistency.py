@@ -26,8 +26,8 @@ scaled by the dimension (reference `pseudo_huber_c`, used as is). A sample whose
 The target D- is the current weights with stop-gradient: the same model under no_grad (the
 reference runs a copy synced to the online weights every step, i.e. the same values), the
 same labels after dropout and the same noise e. As the reference, the device RNG state is
-restored before the target pass, so a model with dropout (the reference's consistency script
-sets dropout 0.5) would draw the same masks in both passes; the EPG model has none today.
+restored before the target pass, so with model dropout (`model.dropout`; the reference's
+consistency script sets 0.5) both passes draw the same masks.
 """
 
 from __future__ import annotations
