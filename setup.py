@@ -31,6 +31,6 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "flash": ["flash-attn"],
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],  # matplotlib: the benchmark charts
     },
 )

@@ -6,19 +6,21 @@ norms, activations and softmax are a few percent and left out, as DiT does.
 from __future__ import annotations
 
 
-def vit_macs(image_size: int, patch_size: int, dim: int, depth: int, mlp_ratio: float = 4.0, extra_tokens: int = 2) -> int:
-    """Multiply-adds of one ViT encoder forward for one image (patch embedding + blocks)."""
-    patches = (image_size // patch_size) ** 2
-    tokens = patches + extra_tokens
-    hidden = int(dim * mlp_ratio)
-    embed = patches * 3 * patch_size * patch_size * dim
-    per_block = (
+def transformer_macs(tokens: int, dim: int, mlp_ratio: float = 4.0) -> int:
+    """Multiply-adds of one transformer block's attention and MLP over `tokens` tokens."""
+    return (
         tokens * dim * 3 * dim  # qkv
         + 2 * tokens * tokens * dim  # q k^T and attn v
         + tokens * dim * dim  # output projection
-        + 2 * tokens * dim * hidden  # MLP
+        + 2 * tokens * dim * int(dim * mlp_ratio)  # MLP
     )
-    return embed + depth * per_block
+
+
+def vit_macs(image_size: int, patch_size: int, dim: int, depth: int, mlp_ratio: float = 4.0, extra_tokens: int = 2) -> int:
+    """Multiply-adds of one ViT encoder forward for one image (patch embedding + blocks)."""
+    patches = (image_size // patch_size) ** 2
+    embed = patches * 3 * patch_size * patch_size * dim
+    return embed + depth * transformer_macs(patches + extra_tokens, dim, mlp_ratio)
 
 
 def projector_macs(dim: int, hidden: int, out_dim: int) -> int:
@@ -40,13 +42,12 @@ def epg_macs(image_size: int, patch_size: int, dim: int, depth: int, decoder_dim
     """Multiply-adds of one EPG forward (encoder + decoder + head) for one image."""
     patches = (image_size // patch_size) ** 2
     tokens = patches + extra_tokens
-    D, hidden = decoder_dim, int(decoder_dim * mlp_ratio)
+    D = decoder_dim
     bridge = tokens * dim * D if D != dim else 0  # encoder_to_decoder
     per_block = (
         tokens * (dim + D) * D  # skip_linear
         + dim * 6 * D  # adaLN modulation of the condition (once per image)
-        + tokens * D * 3 * D + 2 * tokens * tokens * D + tokens * D * D  # attention
-        + 2 * tokens * D * hidden  # MLP
+        + transformer_macs(tokens, D, mlp_ratio)
     )
     head = patches * D * patch_size * patch_size * 3
     return vit_macs(image_size, patch_size, dim, depth, mlp_ratio, extra_tokens) + bridge + depth * per_block + head
@@ -58,3 +59,15 @@ def finetune_step_macs(model_cfg, stage: str) -> int:
     m = model_cfg
     fwd = epg_macs(m.image_size, m.patch_size, m.dim, m.depth, m.decoder_dim, m.mlp_ratio, m.cls_tokens + 1)
     return 3 * fwd + (fwd if stage == "consistency" else 0)
+
+
+def dit_macs(input_size: int, patch_size: int, dim: int, depth: int, in_channels: int = 4, out_channels: int = 8,
+             mlp_ratio: float = 4.0, freq_dim: int = 256) -> int:
+    """Multiply-adds of one DiT forward for one image: a latent of input_size^2 x in_channels
+    (32 at 256 px) to out_channels (noise and learned variance). Exact for models.dit.DiT."""
+    tokens = (input_size // patch_size) ** 2
+    embed = tokens * in_channels * patch_size * patch_size * dim
+    condition = freq_dim * dim + dim * dim  # the timestep MLP; the label embedding is a lookup
+    per_block = dim * 6 * dim + transformer_macs(tokens, dim, mlp_ratio)  # adaLN modulation (per image) + block
+    final = dim * 2 * dim + tokens * dim * patch_size * patch_size * out_channels
+    return embed + condition + depth * per_block + final

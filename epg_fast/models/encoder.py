@@ -91,7 +91,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor, c_in: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c_in: Tensor | None, pos: Tensor | None) -> Tensor:
         return ops.patch_embed(x, self.proj.weight, self.proj.bias, c_in, pos)
 
 
