@@ -13,14 +13,21 @@
 #      else a temporary link epg_fast/kernels -> kernels/, else a clear error (python steps
 #      are then skipped);
 #   3. `pytest -q tests/kernels` natively on CUDA (junit xml + log);
-#   4. `benchmarks/kernels.py` (JSON + Markdown + log).
+#   4. `benchmarks/kernels.py` (JSON + Markdown + log);
+#   5. `benchmarks/throughput.py`: whole training steps (pretrain / denoise / DiT, variants
+#      reference / fast / compile), with the time that is left (JSON + chart; its Markdown
+#      report goes into summary.md).
 # Everything lands in $OUT (default ./device_out); the whole script stays under 8 minutes
 # (SUITE_BUDGET_S, default 470 s) and ends with $OUT/summary.md.
 #
 # Files in $OUT (the device tool brings back at most 8 files, no more than 2 folders down):
-# SUITE_SMOKE=1 passes --smoke to the benchmark (to try the script on a machine without CUDA).
-#   summary.md  (environment, steps, test counts, failing tests, the kernel report, log tails)
-#   pytest.xml  pytest.log  kernels.json  kernels.md  kernels.log          -> 6 files, 2 free.
+# SUITE_SMOKE=1 passes --smoke to the benchmarks (to try the script on a machine without CUDA).
+#   summary.md  (environment, steps, test counts, failing tests, the kernel and throughput
+#                reports, log tails)
+#   pytest.xml  pytest.log  kernels.json  kernels.md  kernels.log  throughput.json
+#   throughput.png                                                          -> 8 files, 0 free.
+# throughput.md and throughput.log stay on the machine: the report is copied into
+# summary.md whole, the log's tail when the step failed or printed a traceback.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -104,6 +111,7 @@ echo "[device_suite] import: $IMPORT"
 if [[ $IMPORT == FAILED* ]]; then
     printf 'pytest\tskipped (epg_fast does not import)\t0\t-\n' >>"$STEPS"
     printf 'kernels\tskipped (epg_fast does not import)\t0\t-\n' >>"$STEPS"
+    printf 'throughput\tskipped (epg_fast does not import)\t0\t-\n' >>"$STEPS"
 else
     # ---- 3. kernel tests, natively on CUDA ----------------------------------------------------
     run_step pytest 150 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider tests/kernels \
@@ -111,15 +119,22 @@ else
 
     # ---- 4. kernel benchmarks -----------------------------------------------------------------
     # The benchmark writes its files after every op; it starts no new op after --time-budget.
+    # Capped at 200 s (was 300) to leave the throughput step its few minutes.
     KLIMIT=$(($(remaining) - 20))
-    ((KLIMIT > 300)) && KLIMIT=300
+    ((KLIMIT > 200)) && KLIMIT=200
     run_step kernels "$KLIMIT" "$OUT/kernels.log" "$PY" benchmarks/kernels.py \
         --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" --time-budget $((KLIMIT - 80)) ${SUITE_SMOKE:+--smoke}
 
-    # ---- 5. throughput benchmark: ADDED LATER BY ANOTHER ISSUE --------------------------------
-    # Put it here with its own run_step and timeout; keep the suite under 8 minutes (shorten the
-    # limits above if needed) and to at most 2 more files in $OUT (8 come back at most).
-    # run_step throughput 120 "$OUT/throughput.log" "$PY" benchmarks/throughput.py --json "$OUT/throughput.json"
+    # ---- 5. training throughput ----------------------------------------------------------------
+    # All the time left but a margin for the summary. The benchmark writes its files after
+    # every run and starts no new run after --time-budget, which leaves 100 s for the run in
+    # flight (a torch.compile run of a large model is the longest) to finish.
+    TLIMIT=$(($(remaining) - 25))
+    TBUDGET=$((TLIMIT - 100))
+    ((TBUDGET < 20)) && TBUDGET=20
+    run_step throughput "$TLIMIT" "$WORK/throughput.log" "$PY" benchmarks/throughput.py --verbose \
+        --json "$OUT/throughput.json" --markdown "$WORK/throughput.md" --chart "$OUT/throughput.png" \
+        --time-budget "$TBUDGET" ${SUITE_SMOKE:+--smoke}
 fi
 
 # ---- summary -------------------------------------------------------------------------------
@@ -165,6 +180,23 @@ EOF
         sed 's/^# /### /; s/^## /### /' "$OUT/kernels.md"
     else
         echo "(no kernels.md)"
+    fi
+    echo
+    echo "## Training throughput"
+    echo
+    if [[ -s "$WORK/throughput.md" ]]; then
+        sed 's/^# /### /; s/^## /### /' "$WORK/throughput.md"
+    else
+        echo "(no throughput report)"
+    fi
+    # Runs that fail inside the benchmark (a compile error, ...) leave exit 0 and a traceback.
+    if [[ -s "$WORK/throughput.log" ]] && { grep -q Traceback "$WORK/throughput.log" ||
+        ! grep -E 'throughput.log$' "$STEPS" | grep -q $'\tok\t'; }; then
+        echo
+        echo "## Tail of throughput.log"
+        echo '```'
+        tail -n 60 "$WORK/throughput.log"
+        echo '```'
     fi
     for log in "$OUT/pytest.log" "$OUT/kernels.log"; do
         if [[ -s "$log" ]] && grep -q -E "$(basename "$log")\$" "$STEPS" && ! grep -E "$(basename "$log")\$" "$STEPS" | grep -q $'\tok\t'; then

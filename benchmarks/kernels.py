@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -43,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also when a test loads this file by path
+from report import fmt, git_commit, write_report  # noqa: E402
+
 EPS = 1e-6
 CPU_LABEL = "CPU (interpreter) — timings meaningless, checks the harness"
 
@@ -422,19 +422,8 @@ def evaluate_targets(rows: list[dict], ops: dict[str, str], judged: bool) -> lis
 # ----------------------------------------------------------------------------- reporting
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if sha.returncode:
-            return os.environ.get("EPG_GIT_COMMIT", "unknown (no git checkout)")
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
-    except Exception:
-        return os.environ.get("EPG_GIT_COMMIT", "unknown")
 
 
-def _fmt(v, spec: str) -> str:
-    return "" if v is None else format(v, spec)
 
 
 def render_markdown(meta: dict, rows: list[dict], ops: dict[str, str], targets: list[dict]) -> str:
@@ -461,7 +450,7 @@ def render_markdown(meta: dict, rows: list[dict], ops: dict[str, str], targets: 
         err_s = "" if err is None else (f"{err:.1e}" if isinstance(err, float) else f"check failed: {err}")
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['mode']} | {r['variant']} | {r['ms']:.4f} | {r['gbps']:.0f} | "
-            f"{r['copy_frac']:.0%} | {_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('speedup'), '.2f')} | {err_s} |"
+            f"{r['copy_frac']:.0%} | {fmt(r.get('tflops'), '.1f')} | {fmt(r.get('speedup'), '.2f')} | {err_s} |"
         )
     lines += [
         "",
@@ -480,13 +469,7 @@ def render_markdown(meta: dict, rows: list[dict], ops: dict[str, str], targets: 
 
 def write_outputs(args, meta, rows, ops, targets) -> str:
     md = render_markdown(meta, rows, ops, targets)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(meta=meta, ops=ops, results=rows, targets=targets)
-        Path(args.json).write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(md)
+    write_report(args.json, args.markdown, dict(meta=meta, ops=ops, results=rows, targets=targets), md)
     return md
 
 
