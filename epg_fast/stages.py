@@ -92,7 +92,8 @@ def load_pretrained_encoder(path: str, weights: str = "module") -> dict[str, Ten
             raise ConfigError(f"init.encoder={source} is a '{stage}' checkpoint, not a pre-training one")
         return state[weights]
     if not source.is_file():
-        raise ConfigError(f"init.encoder={source} does not exist")
+        raise ConfigError(f"init.encoder={source} does not exist: run the pre-training first, or set "
+                          "init.encoder=null to start from random weights")
     sd, _ = unwrap(torch.load(source, map_location="cpu", weights_only=False))
     if not any(k.startswith("encoder.") for k in sd):
         kind, sd = convert(sd, to="ours")
