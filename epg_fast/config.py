@@ -60,6 +60,9 @@ class DataConfig:
     root: str | None = None  # ImageFolder tree; None = the embedded demo data (smoke test only)
     loader: str = field(default="torch", metadata=_choices("torch"))
     precropped: bool = False  # tree already holds ADM center crops at image_size (paper setup)
+    # The validated file index: "auto" (cached next to the data, or in the epg_fast cache
+    # folder when the data is read-only), "none" (scan every start), or a cache file path.
+    index_cache: str = "auto"
     normalization: str = field(default="imagenet", metadata=_choices("imagenet", "simple"))
     workers: int = 4
     prefetch: int = 2  # batches prefetched per worker

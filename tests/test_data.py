@@ -130,11 +130,11 @@ def test_extensions_and_non_image_files(tmp_path, caplog):
     exts = [".jpg", ".JPEG", ".png", ".Bmp", ".webp", ".tif", ".TIFF", ".gif", ".ppm"]
     (tmp_path / "a").mkdir()
     for i, ext in enumerate(exts):
-        (tmp_path / "a" / f"{i}{ext}").write_bytes(b"")  # the index does not decode
+        (tmp_path / "a" / f"{i}{ext}").write_bytes(b"")  # not validated: only the names count
     for name in ("readme.txt", "labels.csv", ".DS_Store"):
         (tmp_path / "a" / name).write_text("x")
     with caplog.at_level(logging.WARNING, logger="epg_fast.data"):
-        index = scan_image_folder(tmp_path)
+        index = scan_image_folder(tmp_path, validate=False)
     assert len(index) == len(exts)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "ignored 3 non-image files" in lines[0] and "readme.txt" in lines[0]
@@ -180,29 +180,39 @@ def _bad_tree(root, monkeypatch):
     return [str(p) for p in sorted(bad.iterdir())]
 
 
-def test_bad_files_are_replaced_counted_and_logged_once(tmp_path, monkeypatch, caplog):
-    bad_paths = _bad_tree(tmp_path, monkeypatch)
-    loader = loader_for(tmp_path, batch=4)  # 20 images: 5 steps, every file met per epoch
-    assert loader.steps_per_epoch == 5
+def test_bad_files_are_excluded_or_replaced_counted_and_logged_once(tmp_path, monkeypatch, caplog):
+    _bad_tree(tmp_path, monkeypatch)
+    bad = tmp_path / "bad"
     with caplog.at_level(logging.WARNING, logger="epg_fast.data"):
-        batches = take(loader, 10)  # two epochs
+        # The header check excludes text.jpg and empty.png; half.jpg (a good header, cut data)
+        # and denied.png (unreadable at decode) remain: 18 images, 4 steps of 4.
+        loader = loader_for(tmp_path, batch=4)
+        assert loader.steps_per_epoch == 4
+        batches = take(loader, 8)  # two epochs: every file met in each
     for b in batches:
         assert b.keys() == {"x", "y1", "y2", "label"}
         assert all(v.shape[0] == 4 for v in b.values())
         assert (b["label"] != 2).all()  # the replacement is a good image with its own label
-    assert loader.skipped == 4
+    assert loader.skipped == 2
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2  # the first skip, then one summary at the end of epoch 0
-    assert "skipped unreadable image" in lines[0] and any(p in lines[0] for p in bad_paths)
-    assert "epoch 0: 4 unreadable images" in lines[1] and "3 new" in lines[1]
+    assert len(lines) == 3  # the exclusions at build time, the first skip, one epoch summary
+    assert "excluded 2 files" in lines[0] and "text.jpg" in lines[0] and "empty.png" in lines[0]
+    assert "skipped unreadable image" in lines[1] and str(bad) in lines[1]
+    assert "epoch 0: 2 unreadable images" in lines[2] and "1 new" in lines[2]
     # The replacement is deterministic and independent of the workers.
-    assert_same(batches, take(loader_for(tmp_path, batch=4, workers=2), 10))
+    assert_same(batches, take(loader_for(tmp_path, batch=4, workers=2), 8))
 
 
 def test_all_files_bad_raises(tmp_path):
     (tmp_path / "a").mkdir()
     for i in range(4):
         (tmp_path / "a" / f"{i}.jpg").write_text("nope")
+    with pytest.raises(DataError, match="no readable images .* all 4 image files failed the header check"):
+        loader_for(tmp_path, batch=2)
+    for i in range(4):  # good headers, data cut short: only decoding finds out
+        path = tmp_path / "a" / f"{i}.jpg"
+        _noise(np.random.default_rng(i), 30, 30).save(path, quality=90)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     loader = loader_for(tmp_path, batch=2)
     with pytest.raises(DataError, match="files in a row failed to decode"):
         next(iter(loader))
@@ -492,3 +502,50 @@ def test_incomplete_demo_folder_is_refused(tmp_path):
         ensure_demo_data(tmp_path / "demo")
     assert ensure_demo_data(tmp_path / "demo", force=True) == tmp_path / "demo"
     assert (tmp_path / "demo" / MARKER).is_file() and not (tmp_path / "demo" / "stray.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# The validated, cached file index
+
+
+def test_index_validates_headers_and_keeps_sizes(tmp_path, caplog):
+    make_tree(tmp_path, {"a": 3, "b": 2})
+    (tmp_path / "b" / "fake.png").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="epg_fast.data"):
+        index = scan_image_folder(tmp_path)
+    assert len(index) == 5 and "b/fake.png" not in [index.relpath(i) for i in range(len(index))]
+    assert any("excluded 1 files" in r.getMessage() and "fake.png" in r.getMessage() for r in caplog.records)
+    for i in range(len(index)):
+        with Image.open(index.path(i)) as img:
+            assert tuple(index.sizes[i]) == img.size
+
+
+def test_index_cache_is_reused_until_the_tree_changes(tmp_path, monkeypatch):
+    from epg_fast.data import index as index_module
+
+    make_tree(tmp_path, {"a": 3, "b": 2})
+    calls = []
+    real = index_module._header
+    monkeypatch.setattr(index_module, "_header", lambda p: calls.append(p) or real(p))
+    first = scan_image_folder(tmp_path, cache="auto")
+    assert len(calls) == 5 and (tmp_path / ".epg_index.npz").is_file()
+    again = scan_image_folder(tmp_path, cache="auto")
+    assert len(calls) == 5  # no file was opened again
+    assert [again.relpath(i) for i in range(len(again))] == [first.relpath(i) for i in range(len(first))]
+    assert np.array_equal(again.sizes, first.sizes) and np.array_equal(again.labels, first.labels)
+    _noise(np.random.default_rng(9), 12, 12).save(tmp_path / "b" / "new.png")  # the tree changes
+    changed = scan_image_folder(tmp_path, cache="auto")
+    assert len(changed) == 6 and len(calls) == 11
+
+
+def test_index_cache_of_read_only_data_goes_to_the_cache_folder(tmp_path, monkeypatch):
+    from epg_fast.data.index import cache_path
+
+    data = make_tree(tmp_path / "data", {"a": 2})
+    monkeypatch.setenv("EPG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a read-only mount
+    where = cache_path(str(data), "auto")
+    assert where.startswith(str(tmp_path / "cache" / "index"))
+    scan_image_folder(data, cache="auto")
+    assert os.path.isfile(where) and not (data / ".epg_index.npz").exists()
+    assert cache_path(str(data), "none") is None

@@ -254,7 +254,7 @@ def build_loader(
         root = ensure_demo_data()
     else:
         root = cfg.root
-    index = scan_image_folder(root)
+    index = scan_image_folder(root, cache=cfg.index_cache)
     steps = len(index) // global_batch
     if steps == 0:
         raise DataError(

@@ -42,7 +42,7 @@ def _crop_one(task: tuple[str, str, int]) -> str | None:
 
 def precrop(src: str, dst: str, size: int, workers: int) -> tuple[int, list[str]]:
     """Returns (number of images indexed, failures as "path: reason")."""
-    index = scan_image_folder(src)
+    index = scan_image_folder(src, validate=False)  # failures are reported per file below
     rels = [index.relpath(i) for i in range(len(index))]
     targets = [os.path.splitext(r)[0] + ".png" for r in rels]
     clashes = {t for t, n in Counter(targets).items() if n > 1}
