@@ -31,6 +31,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "flash": ["flash-attn"],
-        "test": ["pytest", "matplotlib"],  # matplotlib: the benchmark charts
+        # matplotlib: the benchmark charts; DALI: its CPU mode is tested without a GPU
+        "test": ["pytest", "matplotlib", "psutil", "nvidia-dali-cuda120"],
     },
 )

@@ -58,7 +58,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str | None = None  # ImageFolder tree; None = the embedded demo data (smoke test only)
-    loader: str = field(default="torch", metadata=_choices("torch"))
+    loader: str = field(default="torch", metadata=_choices("torch", "dali"))  # dali: pip install -e ".[dali]"
     precropped: bool = False  # tree already holds ADM center crops at image_size (paper setup)
     # The validated file index: "auto" (cached next to the data, or in the epg_fast cache
     # folder when the data is read-only), "none" (scan every start), or a cache file path.

@@ -270,7 +270,7 @@ def startup_block(cfg: Config, world: int, device: torch.device, precision: str,
         f"precision    {precision}; attention {ops.attention_backend(device, autocast_dtype)}; "
         f"kernels {ops.kernels_for(device)}; ZeRO stage {cfg.train.zero_stage}",
         f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
-        f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}",
+        f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}; loader: {cfg.data.loader}",
         f"compute      {2 * stage.macs_per_image() / 1e9:.2f} GFLOP per image per step ({stage.compute()})",
     ]
     log.info("\n".join(lines))
@@ -287,7 +287,7 @@ def train(cfg: Config) -> int:
     # The data first: a bad root fails in a second, before any model is built.
     loader = build_loader(
         cfg.data, image_size=cfg.model.image_size, stage=cfg.stage, global_batch=cfg.train.global_batch,
-        rank=rank, world_size=world, seed=cfg.train.seed,
+        rank=rank, world_size=world, seed=cfg.train.seed, device=device,
     )
     import deepspeed  # here, not at the top: setup_distributed chose its accelerator
 

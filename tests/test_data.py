@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from data_helpers import assert_same, noise, take
+
 from epg_fast.config import DataConfig
 from epg_fast.data import (
     DataError,
@@ -30,8 +32,6 @@ from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, load_image, make_vi
 R = 16
 
 
-def _noise(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def make_tree(root, classes: dict[str, int], seed: int = 0):
@@ -40,7 +40,7 @@ def make_tree(root, classes: dict[str, int], seed: int = 0):
     for name, count in classes.items():
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            _noise(rng, int(rng.integers(8, 40)), int(rng.integers(8, 40))).save(root / name / f"{i}.png")
+            noise(rng, int(rng.integers(8, 40)), int(rng.integers(8, 40))).save(root / name / f"{i}.png")
     return root
 
 
@@ -50,17 +50,8 @@ def loader_for(root, stage="pretrain", batch=4, workers=0, seed=0, rank=0, world
                         world_size=world, seed=seed)
 
 
-def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    it = iter(loader)
-    return [next(it) for _ in range(n)]
 
 
-def assert_same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.equal(x[k], y[k]), k
 
 
 def mirrored(t: torch.Tensor) -> torch.Tensor:
@@ -74,11 +65,6 @@ def as_tensor(img: Image.Image) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     return make_tree(tmp_path_factory.mktemp("tree"), {"a": 7, "b": 7, "c": 6})
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("cache") / "demo")
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,7 +91,7 @@ def test_root_is_a_file(tmp_path):
 
 
 def test_root_without_class_folders(tmp_path):
-    _noise(np.random.default_rng(0), 8, 8).save(tmp_path / "loose.png")
+    noise(np.random.default_rng(0), 8, 8).save(tmp_path / "loose.png")
     (tmp_path / ".hidden").mkdir()  # a dot-folder is not a class
     with pytest.raises(DataError, match="no class folders") as e:
         loader_for(tmp_path)
@@ -162,11 +148,11 @@ def _bad_tree(root, monkeypatch):
     bad.mkdir()
     (bad / "text.jpg").write_text("not an image at all")
     buf = bad / "half.jpg"
-    _noise(np.random.default_rng(1), 30, 30).save(buf, quality=90)
+    noise(np.random.default_rng(1), 30, 30).save(buf, quality=90)
     buf.write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])
     (bad / "empty.png").write_bytes(b"")
     denied = bad / "denied.png"
-    _noise(np.random.default_rng(2), 30, 30).save(denied)
+    noise(np.random.default_rng(2), 30, 30).save(denied)
     denied.chmod(0)
     if os.geteuid() == 0:  # root reads mode-000 files: make the open fail as it would for a user
         real_open = open
@@ -211,7 +197,7 @@ def test_all_files_bad_raises(tmp_path):
         loader_for(tmp_path, batch=2)
     for i in range(4):  # good headers, data cut short: only decoding finds out
         path = tmp_path / "a" / f"{i}.jpg"
-        _noise(np.random.default_rng(i), 30, 30).save(path, quality=90)
+        noise(np.random.default_rng(i), 30, 30).save(path, quality=90)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     loader = loader_for(tmp_path, batch=2)
     with pytest.raises(DataError, match="files in a row failed to decode"):
@@ -278,7 +264,7 @@ def test_tiny_images_are_upsampled(tmp_path):
 
 
 def test_x_is_the_adm_center_crop_with_flip(tmp_path):
-    img = _noise(np.random.default_rng(3), 100, 70)
+    img = noise(np.random.default_rng(3), 100, 70)
     (tmp_path / "a").mkdir()
     img.save(tmp_path / "a" / "img.png")
     # By hand for R=16: 70 >= 32 -> box-halve to 50x35; 35 >= 32 -> 25x17; bicubic to
@@ -301,7 +287,7 @@ def _rate_bounds(n: int, p: float) -> tuple[float, float]:
 
 
 def test_flip_and_grayscale_rates():
-    img = _noise(np.random.default_rng(4), 24, 20)
+    img = noise(np.random.default_rng(4), 24, 20)
     n = 400
     ref = as_tensor(make_views(img, 8, np.random.default_rng(0), False, False)[0])
     flips, grey = 0, [0, 0]
@@ -340,7 +326,7 @@ def test_y2_solarizes_and_y1_does_not():
     lo, hi = _rate_bounds(n, 0.2)
     assert lo < solarized < hi and y1_dark == 0 and exact > 0
     # Solarized at 128, any image ends below 128 (values < 128 stay, values >= 128 invert).
-    noisy = _noise(np.random.default_rng(5), 20, 20)
+    noisy = noise(np.random.default_rng(5), 20, 20)
     top = [int(as_tensor(views.y_view(noisy, 8, np.random.default_rng([10, i]), 0.0, 1.0)).max())
            for i in range(50)]
     assert max(top) == 127
@@ -402,10 +388,13 @@ def test_deterministic_across_workers_and_resumable(tree):
     assert not torch.equal(take(loader_for(tree, seed=4), 1)[0]["y1"], full[0]["y1"])
 
 
-def test_a_new_iterator_retires_the_old_one(tree):
-    full = take(loader_for(tree, seed=3), 3)
-    for workers in (0, 2):
-        loader = loader_for(tree, seed=3, workers=workers)
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_a_new_iterator_retires_the_old_one(tree, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
+    full = take(loader_for(tree, seed=3, loader=kind), 3)
+    for workers in (0, 2) if kind == "torch" else (1,):
+        loader = loader_for(tree, seed=3, workers=workers, loader=kind)
         old = iter(loader)
         assert_same([next(old)], full[:1])
         new = iter(loader)  # continues from the position after the batches handed out
@@ -533,7 +522,7 @@ def test_index_cache_is_reused_until_the_tree_changes(tmp_path, monkeypatch):
     assert len(calls) == 5  # no file was opened again
     assert [again.relpath(i) for i in range(len(again))] == [first.relpath(i) for i in range(len(first))]
     assert np.array_equal(again.sizes, first.sizes) and np.array_equal(again.labels, first.labels)
-    _noise(np.random.default_rng(9), 12, 12).save(tmp_path / "b" / "new.png")  # the tree changes
+    noise(np.random.default_rng(9), 12, 12).save(tmp_path / "b" / "new.png")  # the tree changes
     changed = scan_image_folder(tmp_path, cache="auto")
     assert len(changed) == 6 and len(calls) == 11
 

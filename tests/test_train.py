@@ -215,3 +215,11 @@ def test_fused_kernels_in_training(env, tmp_path):
         assert f"op {op:<16} -> triton" in log, op
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_dali_loader_in_training(env, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
+    run(train_cmd(tmp_path, "train.total_steps=3", "log.every=1", "data.loader=dali", "data.workers=1"), env)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert "loader: dali" in (tmp_path / "train.log").read_text()

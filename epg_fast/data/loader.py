@@ -236,11 +236,17 @@ class ImageLoader:
 
 def build_loader(
     cfg: DataConfig, image_size: int, stage: str, global_batch: int,
-    rank: int = 0, world_size: int = 1, seed: int = 0,
+    rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | None = None,
 ) -> ImageLoader:
-    """This rank's loader; raises DataError (one line) for an unusable data root."""
+    """This rank's loader (data.loader: "torch", or "dali" on `device`); raises DataError
+    (one line) for an unusable data root."""
+    if cfg.loader == "dali":
+        from epg_fast.data.dali import build_dali_loader  # optional dependency
+
+        return build_dali_loader(cfg, image_size=image_size, stage=stage, global_batch=global_batch, rank=rank,
+                                 world_size=world_size, seed=seed, device=device or torch.device("cpu"))
     if cfg.loader != "torch":
-        raise ValueError(f"data.loader={cfg.loader!r} is not supported here; use 'torch'")
+        raise ValueError(f"data.loader={cfg.loader!r} is not supported; use 'torch' or 'dali'")
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     if image_size <= 0 or global_batch <= 0 or world_size <= 0 or not 0 <= rank < world_size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # y1 and y2 differ only in how often they are blurred and solarized (BYOL-style asymmetry).
 Y1 = {"blur_p": 1.0, "solarize_p": 0.0}
 Y2 = {"blur_p": 0.1, "solarize_p": 0.2}
+FLIP_P = 0.5
+JITTER_P = 0.8
+JITTER = (0.4, 0.4, 0.2, 0.1)  # colour-jitter strengths: brightness, contrast, saturation, hue
+GRAY_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -60,7 +66,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def hflip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
+def hflip(img: Image.Image, rng: np.random.Generator, p: float = FLIP_P) -> Image.Image:
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
 
@@ -95,44 +101,76 @@ def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
-def color_jitter(
-    img: Image.Image, rng: np.random.Generator,
-    brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1,
-) -> Image.Image:
-    """torchvision ColorJitter: four factors drawn, applied in a random order."""
-    order = rng.permutation(4)
-    b = rng.uniform(1 - brightness, 1 + brightness)
-    c = rng.uniform(1 - contrast, 1 + contrast)
-    s = rng.uniform(1 - saturation, 1 + saturation)
-    h = rng.uniform(-hue, hue)
+@dataclass(frozen=True)
+class YDraw:
+    """The random decisions behind one SSL view; `draw_y` draws them, `apply_y` applies them
+    (the DALI loader applies the same draws with its own operators)."""
+
+    box: tuple[int, int, int, int]  # (left, top, width, height) in the source image
+    jitter: bool
+    order: tuple[int, ...]  # jitter ops in application order: 0 brightness, 1 contrast, 2 saturation, 3 hue
+    factors: tuple[float, float, float, float]  # brightness, contrast, saturation factors; hue shift (turns)
+    gray: bool
+    blur: bool
+    sigma: float  # 0 when not blurred
+    solarize: bool
+    flip: bool
+
+
+def draw_y(width: int, height: int, rng: np.random.Generator, blur_p: float, solarize_p: float) -> YDraw:
+    """An SSL view's decisions for a width x height source, in a fixed order: crop box,
+    jitter (p=0.8; then torchvision's random op order and the four factors), grey (p=0.2),
+    blur (with its sigma), solarize, flip. Every coin is drawn even when p is 0 or 1."""
+    box = random_resized_crop_box(width, height, rng)
+    jitter = rng.random() < JITTER_P
+    order, factors = (0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0)
+    if jitter:
+        order = tuple(int(k) for k in rng.permutation(4))
+        b, c, s, h = JITTER
+        factors = (rng.uniform(1 - b, 1 + b), rng.uniform(1 - c, 1 + c), rng.uniform(1 - s, 1 + s), rng.uniform(-h, h))
+    gray = rng.random() < GRAY_P
+    blur = rng.random() < blur_p
+    sigma = rng.uniform(*BLUR_SIGMA) if blur else 0.0
+    solarize = rng.random() < solarize_p
+    flip = rng.random() < FLIP_P
+    return YDraw(box, jitter, order, factors, gray, blur, sigma, solarize, flip)
+
+
+def color_jitter(img: Image.Image, order: tuple[int, ...], factors: tuple[float, float, float, float]) -> Image.Image:
+    """torchvision ColorJitter with drawn factors, its four ops in the drawn order."""
     for op in order:
         if op == 0:
-            img = ImageEnhance.Brightness(img).enhance(b)
+            img = ImageEnhance.Brightness(img).enhance(factors[0])
         elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(c)
+            img = ImageEnhance.Contrast(img).enhance(factors[1])
         elif op == 2:
-            img = ImageEnhance.Color(img).enhance(s)
+            img = ImageEnhance.Color(img).enhance(factors[2])
         else:
-            img = _adjust_hue(img, h)
+            img = _adjust_hue(img, factors[3])
     return img
+
+
+def apply_y(img: Image.Image, size: int, d: YDraw) -> Image.Image:
+    """An SSL view: random resized crop, jitter, grey, blur, solarize, flip, as drawn."""
+    left, top, w, h = d.box
+    # Crop first, then resize (as torchvision): the filter never reads outside the crop.
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+    if d.jitter:
+        img = color_jitter(img, d.order, d.factors)
+    if d.gray:
+        img = img.convert("L").convert("RGB")
+    if d.blur:
+        img = img.filter(ImageFilter.GaussianBlur(radius=d.sigma))  # radius = sigma
+    if d.solarize:
+        img = ImageOps.solarize(img, threshold=128)  # inverts values >= 128
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if d.flip else img
 
 
 def y_view(
     img: Image.Image, size: int, rng: np.random.Generator, blur_p: float, solarize_p: float
 ) -> Image.Image:
     """An SSL view: random resized crop, jitter p=0.8, grey p=0.2, blur, solarize, flip."""
-    left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
-    # Crop first, then resize (as torchvision): the filter never reads outside the crop.
-    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-    if rng.random() < 0.8:
-        img = color_jitter(img, rng)
-    if rng.random() < 0.2:
-        img = img.convert("L").convert("RGB")
-    if rng.random() < blur_p:
-        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))  # radius = sigma
-    if rng.random() < solarize_p:
-        img = ImageOps.solarize(img, threshold=128)  # inverts values >= 128
-    return hflip(img, rng)
+    return apply_y(img, size, draw_y(img.width, img.height, rng, blur_p, solarize_p))
 
 
 def make_views(
