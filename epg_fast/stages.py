@@ -145,7 +145,6 @@ class FinetuneStage:
         self.model = model.to(device)
         self.shadow = copy.deepcopy(self.model)
         self.ema_rate, self.bn_mode = cfg.finetune.ema, "initial"  # no BatchNorm in EPG
-        self.sample_seed = cfg.train.seed
 
     def describe(self) -> str:
         m = self.model
@@ -182,7 +181,7 @@ class FinetuneStage:
         from epg_fast.sample import write_sample_grid
 
         out = run_dir / "samples" / f"step_{step:08d}.png"
-        nfe = write_sample_grid(self.shadow, out, self.cfg, seed=self.sample_seed)
+        nfe = write_sample_grid(self.shadow, out, self.cfg, seed=self.cfg.train.seed)
         log.info("EMA samples: %s (%d network evaluations per image)", out, nfe)
 
 
