@@ -5,7 +5,7 @@
 
 Loaders, each in two modes, `pretrain` (x, y1, y2: three views per image) and `finetune`
 (x and the label):
-- `torch`: epg_fast.data.loader (PIL in DataLoader worker processes), per worker count
+- `torch`: epg_fast.data.torch_loader (PIL in DataLoader worker processes), per worker count
   (0 = in the main process);
 - `dali`: epg_fast.data.dali with max(1, workers) threads, on the CPU (CPU operators) and,
   when CUDA is available, on the GPU (mixed decoder, GPU operators, CUDA tensors out; the
@@ -41,7 +41,7 @@ from report import fmt, git_commit, write_report  # noqa: E402
 from epg_fast.config import DataConfig  # noqa: E402
 from epg_fast.data import build_loader, ensure_demo_data  # noqa: E402
 
-MODES = {"pretrain": "pretrain", "finetune": "denoise"}  # benchmark mode -> training stage
+MODES = {"pretrain": ("x", "y1", "y2"), "finetune": ("x",)}  # benchmark mode -> the views it loads
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     root = args.root or str(ensure_demo_data())
 
     try:
-        from epg_fast.data.dali import build_dali_loader
+        import epg_fast.data.dali  # noqa: F401
     except ImportError as e:  # DALI is optional (pip install -e .[dali])
-        build_dali_loader, dali_missing = None, f"{type(e).__name__}: {e}"
+        dali_missing = f"{type(e).__name__}: {e}"
     else:
         dali_missing = None
     cuda = torch.cuda.is_available()
@@ -109,18 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data loading, {root}, R={args.image_size}, batch {args.batch}, {args.steps} timed steps "
           f"({cores} cores; {label})")
     print(f"{'loader':6s} {'dev':5s} {'mode':9s} {'workers':>7s} {'images/s':>10s} {'ms/batch':>10s} {'cores':>6s}")
-    for mode, stage in MODES.items():
+    for mode, views in MODES.items():
         for w in args.workers:
             cfg = DataConfig(root=root, workers=w, prefetch=2)
-            run("torch", "cpu", mode, w, functools.partial(build_loader, cfg, args.image_size, stage, args.batch))
-        if build_dali_loader is None:
+            run("torch", "cpu", mode, w, functools.partial(build_loader, cfg, args.image_size, views, args.batch))
+        if dali_missing:
             continue
         for device in dali_devices:
             for threads in sorted({max(1, w) for w in args.workers}):
-                cfg = DataConfig(root=root, workers=threads, prefetch=2)
+                cfg = DataConfig(root=root, loader="dali", workers=threads, prefetch=2)
                 run("dali", device, mode, threads, functools.partial(
-                    build_dali_loader, cfg, image_size=args.image_size, stage=stage, global_batch=args.batch,
-                    device=torch.device(device)))
+                    build_loader, cfg, args.image_size, views, args.batch, device=torch.device(device)))
     if dali_missing:
         print(f"dali: not measured ({dali_missing})")
 

@@ -286,7 +286,8 @@ def train(cfg: Config) -> int:
     ops.set_kernels(cfg.model.kernels)
     # The data first: a bad root fails in a second, before any model is built.
     loader = build_loader(
-        cfg.data, image_size=cfg.model.image_size, stage=cfg.stage, global_batch=cfg.train.global_batch,
+        cfg.data, image_size=cfg.model.image_size, views=("x", "y1", "y2") if cfg.stage == "pretrain" else ("x",),
+        global_batch=cfg.train.global_batch,
         rank=rank, world_size=world, seed=cfg.train.seed, device=device,
     )
     import deepspeed  # here, not at the top: setup_distributed chose its accelerator

@@ -25,3 +25,17 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert x.keys() == y.keys()
         for k in x:
             assert torch.equal(x[k], y[k]), k
+
+
+def deny_open(monkeypatch, suffix: str, *modules) -> None:
+    """Make `open` in these modules raise PermissionError for paths ending in `suffix`, as a
+    mode-000 file does for a user (root reads it, and the tests may run as root)."""
+    real_open = open
+
+    def denying_open(path, *args, **kwargs):
+        if str(path).endswith(suffix):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, "open", denying_open, raising=False)

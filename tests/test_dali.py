@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import assert_same, noise, take
+from data_helpers import assert_same, deny_open, noise, take
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
 
 from epg_fast.config import DataConfig  # noqa: E402
-from epg_fast.data import build_loader, dali, normalize, views  # noqa: E402
+from epg_fast.data import DataError, build_loader, dali, normalize, views  # noqa: E402
 from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, Y1, Y2, center_crop, make_views  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -41,8 +41,6 @@ def save_tree(root, images: dict[str, list[Image.Image]], ext: str = ".png"):
     return root
 
 
-
-
 def noise_tree(root, counts: dict[str, int], lo: int = 8, hi: int = 32, seed: int = 0):
     """Noise images with sides in [lo, hi): below 2R = 32 for R = 16, so x involves no box-halving
     and matches the reference within a level (see the module docstring of epg_fast.data.dali)."""
@@ -54,22 +52,22 @@ def cfg_for(root, **kw) -> DataConfig:
     return DataConfig(root=str(root), index_cache="none", **{"workers": 2, "prefetch": 2, **kw})
 
 
-def dali_loader(root, size=16, stage="pretrain", batch=4, seed=0, rank=0, world=1, **kw) -> dali.DaliLoader:
-    return dali.build_dali_loader(cfg_for(root, **kw), image_size=size, stage=stage, global_batch=batch,
-                                  rank=rank, world_size=world, seed=seed, device=CPU)
+ALL = ("x", "y1", "y2")  # the pre-training views
+X = ("x",)  # the fine-tuning view
 
 
-def torch_loader(root, size=16, stage="pretrain", batch=4, seed=0, rank=0, world=1, **kw):
-    return build_loader(cfg_for(root, **{"workers": 0, **kw}), image_size=size, stage=stage,
+def dali_loader(root, size=16, views=ALL, batch=4, seed=0, rank=0, world=1, device=CPU, **kw):
+    return build_loader(cfg_for(root, loader="dali", **kw), image_size=size, views=views, global_batch=batch,
+                        rank=rank, world_size=world, seed=seed, device=device)
+
+
+def torch_loader(root, size=16, views=ALL, batch=4, seed=0, rank=0, world=1, **kw):
+    return build_loader(cfg_for(root, **{"workers": 0, **kw}), image_size=size, views=views,
                         global_batch=batch, rank=rank, world_size=world, seed=seed)
-
-
 
 
 def cat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-
-
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -323,8 +321,8 @@ def test_center_view_within_30_db_of_the_reference(demo_root, size):
     short side < 2R) they agree within a level; with it (R=64), PIL's odd-size halving
     shifts the box windows, so a few sharp synthetic images are lower (module docstring)."""
     batch, steps = 50, 8  # one epoch: all 400 images
-    got = cat(take(dali_loader(demo_root, size=size, stage="denoise", batch=batch), steps))
-    ref = cat(take(torch_loader(demo_root, size=size, stage="denoise", batch=batch), steps))
+    got = cat(take(dali_loader(demo_root, size=size, views=X, batch=batch), steps))
+    ref = cat(take(torch_loader(demo_root, size=size, views=X, batch=batch), steps))
     assert torch.equal(got["label"], ref["label"])
     per_image = psnr(got["x"], ref["x"])
     overall = 10 * math.log10(255**2 / ((got["x"].double() - ref["x"].double()) ** 2).mean().item())
@@ -367,7 +365,7 @@ def test_value_range_after_normalisation(demo_root, mode):
 
 
 # ---------------------------------------------------------------------------------------
-# Order, determinism, resume, ranks, stages
+# Order, determinism, resume, ranks, views
 
 
 def test_same_order_as_the_torch_loader_deterministic_and_resumable(tree):
@@ -403,14 +401,13 @@ def test_ranks_split_the_global_batch_like_the_torch_loader(tree):
                 assert torch.equal(part[step][key], whole[step][key][4 * r : 4 * r + 4])
 
 
-def test_fine_tuning_stages_return_only_x_and_label(tree):
+def test_x_alone_is_the_same_x_and_label(tree):
     pre = take(dali_loader(tree, seed=2), 2)
-    for stage in ("denoise", "consistency"):
-        got = take(dali_loader(tree, stage=stage, seed=2), 2)
-        for b, p in zip(got, pre):
-            assert b.keys() == {"x", "label"}
-            assert b["x"].dtype == torch.uint8 and b["label"].dtype == torch.int64
-            assert torch.equal(b["x"], p["x"]) and torch.equal(b["label"], p["label"])
+    got = take(dali_loader(tree, views=X, seed=2), 2)
+    for b, p in zip(got, pre):
+        assert b.keys() == {"x", "label"}
+        assert b["x"].dtype == torch.uint8 and b["label"].dtype == torch.int64
+        assert torch.equal(b["x"], p["x"]) and torch.equal(b["label"], p["label"])
 
 
 def test_loader_interface(tree):
@@ -439,15 +436,7 @@ def test_bad_files_are_skipped_counted_and_logged_like_the_torch_loader(tmp_path
     (bad / "half.jpg").write_bytes((bad / "half.jpg").read_bytes()[:1000])  # the headers, half the data
     noise(rng, 30, 30).save(bad / "denied.png")
     (bad / "text.jpg").write_text("not an image")  # excluded by the index's header check
-    real_open = open
-
-    def denying_open(path, *args, **kwargs):
-        if str(path).endswith("denied.png"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(dali, "open", denying_open, raising=False)
-    monkeypatch.setattr(views, "open", denying_open, raising=False)
+    deny_open(monkeypatch, "denied.png", dali, views)
     with caplog.at_level(logging.WARNING, logger="epg_fast.data"):
         loader = dali_loader(tmp_path, batch=4)
         assert loader.steps_per_epoch == 4
@@ -468,7 +457,7 @@ def test_all_files_bad_raises(tmp_path):
         path = tmp_path / "a" / f"{i}.jpg"
         noise(np.random.default_rng(i), 30, 30).save(path, quality=90)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(dali.DataError, match="files in a row failed to decode"):
+    with pytest.raises(DataError, match="files in a row failed to decode"):
         next(iter(dali_loader(tmp_path, batch=2)))
 
 
@@ -492,8 +481,8 @@ def test_formats_and_colour_modes_decode_like_pil(tmp_path):
     for name, (img, kw) in files.items():
         img.save(tmp_path / "m" / name, **kw)
     n = len(files)
-    got = take(dali_loader(tmp_path, size=16, stage="denoise", batch=n), 1)[0]
-    ref = take(torch_loader(tmp_path, size=16, stage="denoise", batch=n), 1)[0]
+    got = take(dali_loader(tmp_path, size=16, views=X, batch=n), 1)[0]
+    ref = take(torch_loader(tmp_path, size=16, views=X, batch=n), 1)[0]
     assert (psnr(got["x"], ref["x"]) > 45).all()
 
 
@@ -503,10 +492,10 @@ def test_files_dali_cannot_decode_go_through_pil(tmp_path, monkeypatch):
     noise_tree(tmp_path, {"a": 7}, lo=20)
     noise(np.random.default_rng(5), 30, 20).convert("P").save(tmp_path / "a" / "z.gif")
     monkeypatch.setattr(dali, "_DALI_FORMATS", dali._DALI_FORMATS | {"GIF"})
-    loader = dali_loader(tmp_path, batch=8, stage="denoise")
+    loader = dali_loader(tmp_path, batch=8, views=X)
     got = take(loader, 2)
-    ref = take(torch_loader(tmp_path, batch=8, stage="denoise"), 2)
-    assert len(loader._via_pil) == 1 and loader.skipped == 0
+    ref = take(torch_loader(tmp_path, batch=8, views=X), 2)
+    assert len(loader.source.via_pil) == 1 and loader.skipped == 0
     for a, b in zip(got, ref):
         assert torch.equal(a["label"], b["label"]) and (psnr(a["x"], b["x"]) > 40).all()
 
@@ -533,8 +522,7 @@ def test_precropped_tree(tmp_path, caplog):
 def test_gpu_pipeline_matches_the_cpu_one(tree):
     """The same graph with a "mixed" decoder and GPU operators: CUDA tensors, same samples."""
     cpu = take(dali_loader(tree, seed=5), 3)
-    gpu = take(dali.build_dali_loader(cfg_for(tree), image_size=16, stage="pretrain", global_batch=4, seed=5,
-                                      device=torch.device("cuda")), 3)
+    gpu = take(dali_loader(tree, seed=5, device=torch.device("cuda")), 3)
     for a, b in zip(cpu, gpu):
         assert all(v.is_cuda for v in b.values())
         b = {k: v.cpu() for k, v in b.items()}

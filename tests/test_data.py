@@ -3,9 +3,11 @@ determinism, resume, rank sharding, pre-cropping and the demo data. Small images
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import pickle
 import threading
 
 import numpy as np
@@ -13,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import assert_same, noise, take
+from data_helpers import assert_same, deny_open, noise, take
 
 from epg_fast.config import DataConfig
 from epg_fast.data import (
+    BatchPlan,
     DataError,
     DataRootNotFoundError,
     build_loader,
@@ -32,8 +35,6 @@ from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, load_image, make_vi
 R = 16
 
 
-
-
 def make_tree(root, classes: dict[str, int], seed: int = 0):
     """root/<class>/<i>.png with random-noise images of varied small sizes."""
     rng = np.random.default_rng(seed)
@@ -44,14 +45,13 @@ def make_tree(root, classes: dict[str, int], seed: int = 0):
     return root
 
 
-def loader_for(root, stage="pretrain", batch=4, workers=0, seed=0, rank=0, world=1, **kw):
+ALL = ("x", "y1", "y2")  # the pre-training views
+
+
+def loader_for(root, views=ALL, batch=4, workers=0, seed=0, rank=0, world=1, **kw):
     cfg = DataConfig(root=str(root), workers=workers, prefetch=2, **kw)
-    return build_loader(cfg, image_size=R, stage=stage, global_batch=batch, rank=rank,
+    return build_loader(cfg, image_size=R, views=views, global_batch=batch, rank=rank,
                         world_size=world, seed=seed)
-
-
-
-
 
 
 def mirrored(t: torch.Tensor) -> torch.Tensor:
@@ -155,14 +155,7 @@ def _bad_tree(root, monkeypatch):
     noise(np.random.default_rng(2), 30, 30).save(denied)
     denied.chmod(0)
     if os.geteuid() == 0:  # root reads mode-000 files: make the open fail as it would for a user
-        real_open = open
-
-        def fake_open(path, *args, **kwargs):
-            if str(path).endswith("denied.png"):
-                raise PermissionError(13, "Permission denied", str(path))
-            return real_open(path, *args, **kwargs)
-
-        monkeypatch.setattr(views, "open", fake_open, raising=False)
+        deny_open(monkeypatch, "denied.png", views)
     return [str(p) for p in sorted(bad.iterdir())]
 
 
@@ -253,7 +246,7 @@ def test_tiny_images_are_upsampled(tmp_path):
     Image.new("RGB", (5, 7), (50, 60, 70)).save(tmp_path / "a" / "five.png")
     for b in take(loader_for(tmp_path, batch=2), 3):
         assert b["x"].shape == b["y1"].shape == b["y2"].shape == (2, 3, R, R)
-    x = take(loader_for(tmp_path, stage="denoise", batch=2), 1)[0]["x"]
+    x = take(loader_for(tmp_path, views=("x",), batch=2), 1)[0]["x"]
     colours = sorted(tuple(img[:, 0, 0].tolist()) for img in x)
     assert colours == [(9, 99, 199), (50, 60, 70)]
     assert all((img == img[:, :1, :1]).all() for img in x)
@@ -367,7 +360,43 @@ def test_normalize():
 
 
 # ---------------------------------------------------------------------------------------
-# Determinism, resume, sharding, stages
+# Determinism, resume, sharding, views
+
+
+def test_plan_slots_replacements_and_generators(tree):
+    """The plan's slots are this rank's slice of the epoch permutation; an unreadable image is
+    replaced by the next one of the permutation (hop 1, its own generator) and tried once per
+    verdict cache; the plan survives pickling (DataLoader workers get copies)."""
+    plan = BatchPlan(scan_image_folder(tree), global_batch=8, rank=1, world_size=2, seed=5)
+    perm = plan.permutation(1)
+    assert sorted(perm.tolist()) == list(range(20)) and not np.array_equal(perm, plan.permutation(0))
+    assert list(itertools.islice(plan.keys((0, 1)), 3)) == [(0, 1), (1, 0), (1, 1)]  # 2 steps per epoch
+    planned = [int(i) for i in perm[8 + 4 : 8 + 8]]  # batch 1, rank 1's half
+    broken, reads = planned[1], []
+
+    def read(i):
+        reads.append(i)
+        if i == broken:
+            raise OSError("cut short")
+        return f"image {i}"
+
+    verdicts, skipped = {}, []
+    got = list(plan.samples(1, 1, read, verdicts, skipped))
+    assert [s.index for s in got] == [planned[0], planned[2], planned[2], planned[3]]
+    assert [s.hop for s in got] == [0, 1, 0, 0] and got[1].item == f"image {planned[2]}"
+    assert got[1].rng.random() != got[2].rng.random()  # the duplicate draws other augmentations
+    assert verdicts == {broken: "OSError: cut short"} and skipped == [(plan.index.path(broken), "OSError: cut short")]
+    list(plan.samples(1, 1, read, verdicts, []))
+    assert reads.count(broken) == 1  # the verdict is kept
+    again = pickle.loads(pickle.dumps(plan))
+    assert [(s.index, s.hop, s.rng.random()) for s in again.samples(1, 1, read, verdicts, [])] == [
+        (s.index, s.hop, np.random.default_rng([5, 1, s.index, s.hop]).random()) for s in got]
+
+    def unreadable(i):
+        raise OSError("nope")
+
+    with pytest.raises(DataError, match="8 files in a row failed to decode .* OSError: nope"):
+        list(plan.samples(0, 0, unreadable, {}, []))
 
 
 def test_deterministic_across_workers_and_resumable(tree):
@@ -414,13 +443,18 @@ def test_ranks_split_the_global_batch(tree):
         assert not any(torch.equal(u, v) for u in a["x"] for v in b["x"])  # disjoint images
 
 
-def test_fine_tuning_stages_return_only_x_and_label(tree):
+def test_x_alone_is_the_same_x_and_label(tree):
     pre = take(loader_for(tree, seed=2), 2)
-    for stage in ("denoise", "consistency"):
-        got = take(loader_for(tree, stage=stage, seed=2), 2)
-        for b, p in zip(got, pre):
-            assert b.keys() == {"x", "label"}
-            assert torch.equal(b["x"], p["x"]) and torch.equal(b["label"], p["label"])
+    got = take(loader_for(tree, views=("x",), seed=2), 2)
+    for b, p in zip(got, pre):
+        assert b.keys() == {"x", "label"}
+        assert torch.equal(b["x"], p["x"]) and torch.equal(b["label"], p["label"])
+
+
+def test_unknown_views_are_refused(tree):
+    for bad in (("y1",), ("x", "y1"), ("x", "y2", "y1")):
+        with pytest.raises(ValueError, match="unknown views"):
+            loader_for(tree, views=bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,7 +492,7 @@ def test_demo_data(demo_root, monkeypatch):
     assert ensure_demo_data(demo_root) == demo_root
     assert (demo_root / MARKER).stat().st_mtime_ns == marker  # re-run is a no-op
     monkeypatch.setenv("EPG_CACHE_DIR", str(demo_root.parent))
-    loader = build_loader(DataConfig(root=None, workers=0), image_size=R, stage="pretrain",
+    loader = build_loader(DataConfig(root=None, workers=0), image_size=R, views=ALL,
                           global_batch=32, seed=0)
     assert (loader.num_images, loader.num_classes, loader.steps_per_epoch) == (400, 8, 12)
 
@@ -497,16 +531,13 @@ def test_incomplete_demo_folder_is_refused(tmp_path):
 # The validated, cached file index
 
 
-def test_index_validates_headers_and_keeps_sizes(tmp_path, caplog):
+def test_index_validates_headers(tmp_path, caplog):
     make_tree(tmp_path, {"a": 3, "b": 2})
     (tmp_path / "b" / "fake.png").write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="epg_fast.data"):
         index = scan_image_folder(tmp_path)
     assert len(index) == 5 and "b/fake.png" not in [index.relpath(i) for i in range(len(index))]
     assert any("excluded 1 files" in r.getMessage() and "fake.png" in r.getMessage() for r in caplog.records)
-    for i in range(len(index)):
-        with Image.open(index.path(i)) as img:
-            assert tuple(index.sizes[i]) == img.size
 
 
 def test_index_cache_is_reused_until_the_tree_changes(tmp_path, monkeypatch):
@@ -521,7 +552,7 @@ def test_index_cache_is_reused_until_the_tree_changes(tmp_path, monkeypatch):
     again = scan_image_folder(tmp_path, cache="auto")
     assert len(calls) == 5  # no file was opened again
     assert [again.relpath(i) for i in range(len(again))] == [first.relpath(i) for i in range(len(first))]
-    assert np.array_equal(again.sizes, first.sizes) and np.array_equal(again.labels, first.labels)
+    assert np.array_equal(again.labels, first.labels)
     noise(np.random.default_rng(9), 12, 12).save(tmp_path / "b" / "new.png")  # the tree changes
     changed = scan_image_folder(tmp_path, cache="auto")
     assert len(changed) == 6 and len(calls) == 11

@@ -1,4 +1,5 @@
-"""Data: ImageFolder index, the three views of spec section 5, the torch loader, demo data."""
+"""Data: ImageFolder index, the three views of spec section 5, the batch plan and the loader
+that executes it (torch or DALI), demo data."""
 
 from epg_fast.data.index import (
     IMAGE_EXTENSIONS,
@@ -7,12 +8,13 @@ from epg_fast.data.index import (
     ImageIndex,
     scan_image_folder,
 )
-from epg_fast.data.loader import ImageLoader, build_loader
+from epg_fast.data.loader import VIEW_SETS, ImageLoader, build_loader
+from epg_fast.data.plan import BatchPlan
 from epg_fast.data.views import make_views, normalize
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "DataError", "DataRootNotFoundError", "ImageIndex", "ImageLoader",
-    "build_loader", "ensure_demo_data", "make_views", "normalize", "scan_image_folder",
+    "IMAGE_EXTENSIONS", "VIEW_SETS", "BatchPlan", "DataError", "DataRootNotFoundError", "ImageIndex",
+    "ImageLoader", "build_loader", "ensure_demo_data", "make_views", "normalize", "scan_image_folder",
 ]
 
 

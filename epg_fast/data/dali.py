@@ -1,13 +1,14 @@
-"""The NVIDIA DALI loader: the torch loader's batches, decoded and augmented by DALI.
+"""The DALI executor of the batch plan: the torch loader's batches, decoded and augmented by
+NVIDIA DALI.
 
-Same images, same order, same random decisions as `loader.ImageLoader`:
-- the order is `_ShardBatches`'s (a permutation per (seed, epoch), global batch k, this
+Same images, same order, same random decisions as the torch executor (torch_loader.py):
+- the samples are the `BatchPlan`'s (a permutation per (seed, epoch), global batch k, this
   rank's contiguous slice, the hop over unreadable files), walked here in Python;
-- every random decision of `views.make_views` is drawn in Python (`draw_views`) from the same
-  generator, `default_rng([seed, epoch, index, hop])`, in the same order, and reaches DALI as
-  per-sample arguments through `fn.external_source`. DALI's own RNG is never used, so a
-  batch is a pure function of its key (epoch, batch), whatever the threads or the device,
-  and resuming needs only the key.
+- every random decision of `views.make_views` is drawn in Python (`draw_views`) from the
+  plan's generator for the sample, `default_rng([seed, epoch, index, hop])`, in the same
+  order, and reaches DALI as per-sample arguments through `fn.external_source`. DALI's own
+  RNG is never used, so a batch is a pure function of its key (epoch, batch), whatever the
+  threads or the device, and resuming needs only the key.
 
 The graph; the CPU and GPU versions differ only in the decoder's placement ("cpu" or
 "mixed"): every later operator runs where its input lives.
@@ -42,8 +43,8 @@ as lossless PPM.
 
 Unreadable files: the feeder reads each file and parses its header with PIL (~20 us; it also
 gives the size the crop boxes are drawn for and the format); a file that fails is replaced
-by the torch loader's hop and counted in `skipped`. A file whose header is fine but whose
-data is corrupt makes DALI abort the whole pipeline. The loader then decodes the files of
+by the plan's hop and counted in the loader's `skipped`. A file whose header is fine but whose
+data is corrupt makes DALI abort the whole pipeline. The executor then decodes the files of
 the batches in flight with PIL: those that fail are marked unreadable (the files the torch
 loader skips), those that PIL decodes but DALI does not go through PIL from then on; the
 pipeline is rebuilt and resumes at the same batch, so the output is what it would have been
@@ -52,7 +53,6 @@ had the header check caught the file. Only an error no file explains is raised.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 from collections import deque
@@ -68,9 +68,7 @@ from nvidia.dali.pipeline import DataNode, Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from PIL import Image
 
-from epg_fast.config import DataConfig
-from epg_fast.data.index import DataError
-from epg_fast.data.loader import ImageLoader, _BatchKeys, _ShardBatches, build_loader
+from epg_fast.data.plan import BatchPlan, Made, unreadable_reason
 from epg_fast.data.views import FLIP_P, Y1, Y2, YDraw, draw_y, load_image, to_rgb
 
 log = logging.getLogger("epg_fast.data")
@@ -153,22 +151,25 @@ class _Fed:
     """One batch handed to DALI, kept until it comes out (or until a failure is explained)."""
 
     indices: list[int]
-    bad: list[tuple[str, str]]  # (path, reason) of files skipped for this batch
+    skipped: list[tuple[str, str]]  # (path, reason) of files skipped for this batch
     resized: list[tuple[str, tuple[int, int]]]
 
 
 class _Feeder:
     """DALI's external source: called once per batch, in order, from `start` on; each call
-    walks one batch key as `_ShardBatches.__getitem__` does, reading instead of decoding."""
+    executes one batch key of the plan, reading the files (and drawing the decisions) where
+    the torch executor decodes them."""
 
-    def __init__(self, dataset: _ShardBatches, steps_per_epoch: int, start: tuple[int, int],
-                 via_pil: set[int]) -> None:
-        self._ds = dataset
-        keys = _BatchKeys(steps_per_epoch)
-        keys.start = start
-        self._keys = iter(keys)
+    def __init__(self, plan: BatchPlan, size: int, with_y: bool, precropped: bool, start: tuple[int, int],
+                 verdicts: dict[int, str], via_pil: set[int]) -> None:
+        self._plan = plan
+        self._size = size
+        self._with_y = with_y
+        self._precropped = precropped
+        self._keys = plan.keys(start)
+        self._verdicts = verdicts
         self._via_pil = via_pil
-        self.columns = _columns(dataset.with_y)
+        self.columns = _columns(with_y)
         self.in_flight: deque[_Fed] = deque()
         self.failure: Exception | None = None  # DALI may wrap what a callback raises
 
@@ -180,60 +181,39 @@ class _Feeder:
             raise
 
     def _next_batch(self) -> tuple[Any, ...]:
-        ds = self._ds
+        plan, size = self._plan, self._size
         epoch, batch = next(self._keys)
-        perm = ds.permutation(epoch)
-        n = len(perm)
         fed = _Fed([], [], [])
         rows: list[dict[str, Any]] = []
-        for slot in range(ds.local_batch):
-            pos = batch * ds.global_batch + ds.offset + slot
-            for hop in range(min(n, ds.global_batch)):
-                i = int(perm[(pos + hop) % n])
-                got = self._read(i, fed.bad)
-                if got is not None:
-                    break
-            else:
-                path, reason = fed.bad[-1]
-                raise DataError(
-                    f"{min(n, ds.global_batch)} files in a row failed to decode under "
-                    f"{ds.index.root} (last: {path}: {reason})"
-                )
-            encoded, (width, height) = got
-            if ds.precropped and (width, height) != (ds.size, ds.size) and not fed.resized:
-                fed.resized.append((ds.index.path(i), (width, height)))
-            rng = np.random.default_rng([ds.seed, epoch, i, hop])
-            draws = draw_views(width, height, ds.size, rng, ds.with_y, ds.precropped)
-            roi_start, roi_end = center_crop_roi(width, height, ds.size)
-            row = {"encoded": encoded, "label": ds.index.labels[i], "x_roi_start": roi_start,
+        for s in plan.samples(epoch, batch, self._read, self._verdicts, fed.skipped):
+            encoded, (width, height) = s.item
+            if self._precropped and (width, height) != (size, size) and not fed.resized:
+                fed.resized.append((plan.index.path(s.index), (width, height)))
+            draws = draw_views(width, height, size, s.rng, self._with_y, self._precropped)
+            roi_start, roi_end = center_crop_roi(width, height, size)
+            row = {"encoded": encoded, "label": plan.index.labels[s.index], "x_roi_start": roi_start,
                    "x_roi_end": roi_end, "x_flip": draws.x_flip}
             for view, d in zip(Y_VIEWS, draws.y):
                 row.update(_y_row(view, d))
             rows.append(row)
-            fed.indices.append(i)
+            fed.indices.append(s.index)
         self.in_flight.append(fed)
         return tuple(
             [r[c] for r in rows] if c == "encoded" else np.array([r[c] for r in rows], _DTYPES[c])
             for c in self.columns
         )
 
-    def _read(self, i: int, bad: list[tuple[str, str]]) -> tuple[np.ndarray, tuple[int, int]] | None:
-        """(file bytes DALI can decode, (width, height)), or None for an unreadable file."""
-        path = self._ds.index.path(i)
-        reason = self._ds._bad.get(i)  # shared with _ShardBatches: one verdict per file
-        if reason is None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                with Image.open(io.BytesIO(data)) as img:  # the header only
-                    size = img.size
-                    if i in self._via_pil or img.format not in _DALI_FORMATS or img.mode in _PIL_MODES:
-                        data = _as_ppm(img)
-                return np.frombuffer(data, np.uint8), size
-            except Exception as e:  # many types on corrupt input (OSError, SyntaxError, ...)
-                reason = self._ds._bad[i] = f"{type(e).__name__}: {e}"
-        bad.append((path, reason))
-        return None
+    def _read(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """(file bytes DALI can decode, (width, height) from the header); raises for an
+        unreadable file. The header, not the index, gives the size: it is parsed anyway for
+        the format, and it is the size of the bytes fed even if the file changed since."""
+        with open(self._plan.index.path(i), "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:  # the header only
+            size = img.size
+            if i in self._via_pil or img.format not in _DALI_FORMATS or img.mode in _PIL_MODES:
+                data = _as_ppm(img)
+        return np.frombuffer(data, np.uint8), size
 
 
 def _as_ppm(img: Image.Image) -> bytes:
@@ -314,49 +294,46 @@ def _decode_only(data: np.ndarray, decoder: str):
 
 
 # ---------------------------------------------------------------------------------------
-# The loader
+# The executor
 
 
-class DaliLoader(ImageLoader):
-    """`ImageLoader`'s interface and bookkeeping (position, state_dict, skipped files, logs)
-    with DALI doing the decoding and augmentation; its worker-less DataLoader stays unused.
+class DaliBatches:
+    """Batches of the plan decoded and augmented by DALI, on `device` (CUDA tensors straight
+    from DALI's GPU buffers)."""
 
-    Batches are dicts of uint8 [B, 3, R, R] tensors ("x", and "y1", "y2" in pre-training)
-    and int64 "label", on `device` (CUDA tensors straight from DALI's GPU buffers).
-    """
-
-    def __init__(self, dataset: _ShardBatches, steps_per_epoch: int, *, threads: int, prefetch: int,
-                 device: torch.device) -> None:
-        super().__init__(dataset, steps_per_epoch, workers=0, prefetch=prefetch)
+    def __init__(self, plan: BatchPlan, image_size: int, with_y: bool, precropped: bool, *, threads: int,
+                 prefetch: int, device: torch.device) -> None:
+        self._plan = plan
+        self._size = image_size
+        self._with_y = with_y
+        self._precropped = precropped
         self.device = device
         self._threads = threads
         self._prefetch = prefetch
         self._gpu = device.type == "cuda"
         self._device_id = (device.index if device.index is not None else torch.cuda.current_device()) if self._gpu else None
         self._decoder = "mixed" if self._gpu else "cpu"
-        self._via_pil: set[int] = set()  # files DALI failed on but PIL decodes
-        self._names = ("x", "y1", "y2") if dataset.with_y else ("x",)
+        self._verdicts: dict[int, str] = {}  # index -> why it is unreadable: one verdict per file
+        self.via_pil: set[int] = set()  # files DALI failed on but PIL decodes
+        self._names = ("x", "y1", "y2") if with_y else ("x",)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self._generation += 1
-        return self._dali_batches(self._generation)
-
-    def _start(self) -> tuple[Pipeline, _Feeder]:
-        """A pipeline that starts at the current position."""
-        ds = self._dataset
-        feeder = _Feeder(ds, self.steps_per_epoch, (self.epoch, self.batch), self._via_pil)
-        pipe = _graph(feeder, ds.size, ds.with_y, ds.precropped, self._decoder, batch_size=ds.local_batch,
-                      num_threads=self._threads, device_id=self._device_id, prefetch_queue_depth=self._prefetch)
+    def _start(self, key: tuple[int, int]) -> tuple[Pipeline, _Feeder]:
+        """A pipeline that starts at batch `key`."""
+        feeder = _Feeder(self._plan, self._size, self._with_y, self._precropped, key, self._verdicts, self.via_pil)
+        pipe = _graph(feeder, self._size, self._with_y, self._precropped, self._decoder,
+                      batch_size=self._plan.local_batch, num_threads=self._threads, device_id=self._device_id,
+                      prefetch_queue_depth=self._prefetch)
         pipe.build()
         return pipe, feeder
 
-    def _dali_batches(self, generation: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, start: tuple[int, int]) -> Iterator[Made]:
+        """The batches from key `start` on; the pipeline is built on the first request."""
+        keys = self._plan.keys(start)
+        key = next(keys)  # the next batch to hand out
         pipe: Pipeline | None = None
         while True:
-            if generation != self._generation:
-                raise RuntimeError("this data iterator was retired by a later iter() or load_state_dict()")
             if pipe is None:
-                pipe, feeder = self._start()
+                pipe, feeder = self._start(key)
             stream = torch.cuda.current_stream(self.device) if self._gpu else None
             try:
                 outputs = pipe.run(stream)
@@ -367,14 +344,8 @@ class DaliLoader(ImageLoader):
                 pipe = None  # rebuilt at the same position, without the culprits
                 continue
             fed = feeder.in_flight.popleft()
-            batch = self._to_torch(outputs, stream)
-            self._note_bad(fed.bad)
-            self._note_resized(fed.resized)
-            self.batch += 1
-            if self.batch == self.steps_per_epoch:
-                self._epoch_summary()
-                self.epoch, self.batch = self.epoch + 1, 0
-            yield batch
+            key = next(keys)
+            yield Made(self._to_torch(outputs, stream), fed.skipped, fed.resized)
 
     def _to_torch(self, outputs: tuple[Any, ...], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
         batch = {}
@@ -389,23 +360,23 @@ class DaliLoader(ImageLoader):
     def _explain_failure(self, in_flight: deque[_Fed], error: Exception) -> None:
         """Find the files of the batches in flight that broke the pipeline, or raise `error`.
 
-        PIL is asked first: a file it cannot decode is what the torch loader skips, so it is
-        marked unreadable. If PIL decodes them all, each is tried alone in DALI, and those
+        PIL is asked first: a file it cannot decode is what the torch executor skips, so it
+        is marked unreadable. If PIL decodes them all, each is tried alone in DALI, and those
         DALI fails on are decoded by PIL from now on."""
-        ds = self._dataset
+        index = self._plan.index
         suspects = sorted({i for fed in in_flight for i in fed.indices})
         found = False
         for i in suspects:
             try:
-                load_image(ds.index.path(i))
+                load_image(index.path(i))
             except Exception as e:  # decoders raise many types on corrupt input
-                ds._bad[i] = f"{type(e).__name__}: {e}"
+                self._verdicts[i] = unreadable_reason(e)
                 found = True
         if not found:
             for i in suspects:
-                if i not in self._via_pil and not self._dali_decodes(ds.index.path(i)):
-                    log.info("DALI cannot decode %s; it is decoded with PIL instead", ds.index.path(i))
-                    self._via_pil.add(i)
+                if i not in self.via_pil and not self._dali_decodes(index.path(i)):
+                    log.info("DALI cannot decode %s; it is decoded with PIL instead", index.path(i))
+                    self.via_pil.add(i)
                     found = True
         if not found:
             raise error
@@ -419,21 +390,3 @@ class DaliLoader(ImageLoader):
             return True
         except Exception:  # DALI raises RuntimeError subclasses with the decoder's message
             return False
-
-
-def build_dali_loader(
-    cfg: DataConfig, *, image_size: int, stage: str, global_batch: int, rank: int = 0, world_size: int = 1,
-    seed: int = 0, device: torch.device,
-) -> DaliLoader:
-    """This rank's DALI loader: the torch loader's batches (same order, same decisions), on
-    `device` (CPU operators for a CPU device, GPU ones for a CUDA device).
-
-    Threads: max(1, cfg.workers); queue depth: max(1, cfg.prefetch) batches."""
-    # build_loader validates the arguments, resolves the root and indexes it; its sampler
-    # (`_ShardBatches`) is taken over, its worker-less DataLoader is never iterated.
-    torch_loader = build_loader(
-        dataclasses.replace(cfg, loader="torch", workers=0), image_size, stage, global_batch,
-        rank=rank, world_size=world_size, seed=seed,
-    )
-    return DaliLoader(torch_loader._dataset, torch_loader.steps_per_epoch, threads=max(1, cfg.workers),
-                      prefetch=max(1, cfg.prefetch), device=device)
