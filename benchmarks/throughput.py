@@ -29,7 +29,7 @@ Variants, measured side by side in one run:
   rides along with gradients, then the graph is thrown away).
 - `fast`: the fused Triton kernels (`kernels=triton`), flash-attn when importable, else
   SDPA (recorded), bf16 autocast without a scaler, fused AdamW, the fused multi-tensor EMA
-  (`ops.ema_update`), `consistency_target="no_grad"`.
+  (`Ops.ema_update`), `consistency_target="no_grad"`.
 - `compile`: `fast` + `torch.compile` of the model modules (the online network and, in
   pre-training, the target network; not the loss). A compile failure is recorded, the run
   goes on.
@@ -41,7 +41,7 @@ work the objective needs, the same for every variant, so work a variant wastes l
 MFU), MFU against the bf16 matmul peak measured here (8192^3, CUDA only) and against the
 989 TFLOP/s datasheet, peak memory (`torch.cuda.max_memory_allocated`, reset per run), NVML
 telemetry sampled in a background thread during the timed steps, the path every op took
-(`ops.paths()`: proof that the fused kernels ran) and the speedup over `reference`.
+(`Ops.paths()`: proof that the fused kernels ran) and the speedup over `reference`.
 
 Without CUDA only `--smoke` runs (tiny models, 2 steps) and the numbers are meaningless:
 the kernels of `fast` run through the Triton interpreter (switched on here before epg_fast
@@ -80,10 +80,11 @@ from torch import Tensor, nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from epg_fast import ops, schedule  # noqa: E402
+from epg_fast import schedule  # noqa: E402
 from epg_fast.config import DenoiseConfig, FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig  # noqa: E402
 from epg_fast.flops import finetune_step_macs, pretrain_step_macs  # noqa: E402
 from epg_fast.metrics import GPUTelemetry  # noqa: E402
+from epg_fast.ops import Ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also when a test loads this file by path
 from report import fmt, git_commit, write_report  # noqa: E402
@@ -195,12 +196,12 @@ class Setup:
     """How one variant runs; recorded in the JSON as it is."""
 
     variant: str
-    kernels: str  # ops.set_kernels mode
-    attention: str  # ops.set_attention mode
+    kernels: str  # Ops kernel mode
+    attention: str  # Ops attention mode
     precision: str  # autocast dtype: "fp16" or "bf16"
     grad_scaler: bool
     optimizer: str  # "default" (torch's choice: foreach on CUDA) or "fused"
-    ema: str  # "loop" (per-parameter Python loop) or "ops.ema_update"
+    ema: str  # "loop" (per-parameter Python loop) or "Ops.ema_update"
     consistency_target: str  # pre-training only
     compile_backend: str | None  # torch.compile backend of the model modules, None: eager
     notes: list[str] = field(default_factory=list)
@@ -217,7 +218,7 @@ def make_setup(variant: str, cuda: bool, compile_backend: str) -> Setup:
         if not cuda:
             s.notes.append("CPU: bf16 autocast without GradScaler (the GPU reference runs fp16 + GradScaler)")
         return s
-    s = Setup(variant, "triton", "auto", "bf16", False, "fused", "ops.ema_update", "no_grad",
+    s = Setup(variant, "triton", "auto", "bf16", False, "fused", "Ops.ema_update", "no_grad",
               compile_backend if variant == "compile" else None)
     if not cuda and variant == "compile":
         # Dynamo traces into the interpreter's numpy pointer arithmetic and fails (uint64
@@ -241,7 +242,7 @@ class Workload:
     title: str
     batch: int
     ema_rate: float
-    build: Callable[[], nn.Module]  # called with the device as the default device
+    build: Callable[[Ops], nn.Module]  # called with the device as the default device
     inputs: Callable[[int, torch.device], dict[str, Tensor]]
     # loss(online, shadow, inputs, setup, generator) -> scalar loss (under autocast)
     loss: Callable[[nn.Module, nn.Module, dict[str, Tensor], Setup, torch.Generator], Tensor]
@@ -286,7 +287,7 @@ def pretrain_workload(smoke: bool, batch: int) -> Workload:
         title=("tiny encoder + projector" if smoke else "EPG-XL/16 pre-training (ViT-B/16 + projector 4096/256)") + f", {size}",
         batch=batch,
         ema_rate=p.target_ema,
-        build=lambda: build_pretrain_encoder(m),
+        build=lambda ops: build_pretrain_encoder(m, ops),
         inputs=_images("x", "y1", "y2", size=m.image_size),
         loss=loss,
         macs_per_image=pretrain_step_macs(m),
@@ -307,8 +308,9 @@ def denoise_workload(smoke: bool, batch: int) -> Workload:
                         decoder_heads=p.decoder_heads, image_size=256, patch_size=16, num_classes=1000)
     d, f = DenoiseConfig(), FinetuneConfig()
 
-    def build() -> nn.Module:
-        return EPG(m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.decoder_dim, m.decoder_heads, m.num_classes)
+    def build(ops: Ops) -> nn.Module:
+        return EPG(m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.decoder_dim, m.decoder_heads, m.num_classes,
+                   ops=ops)
 
     def inputs(batch: int, dev: torch.device) -> dict[str, Tensor]:
         out = _images("x", size=m.image_size)(batch, dev)
@@ -352,11 +354,11 @@ def dit_workload(smoke: bool, batch: int) -> Workload:
 
     if smoke:
         dim, depth, heads = 64, 2, 2
-        build = lambda: dit.DiT(size, patch, dim, depth, heads, in_channels=channels, num_classes=classes)  # noqa: E731
+        build = lambda ops: dit.DiT(size, patch, dim, depth, heads, in_channels=channels, num_classes=classes, ops=ops)  # noqa: E731
     else:
         preset = dit.DIT_PRESETS["DiT-XL"]
         dim, depth, heads = preset.dim, preset.depth, preset.heads
-        build = lambda: dit.build_dit(name, input_size=size, num_classes=classes)  # noqa: E731
+        build = lambda ops: dit.build_dit(name, input_size=size, num_classes=classes, ops=ops)  # noqa: E731
     try:
         from epg_fast.flops import dit_macs
 
@@ -395,13 +397,12 @@ class StepRunner:
     """The models, optimiser, scaler and EMA of one (workload, variant), and its `step()`."""
 
     def __init__(self, w: Workload, setup: Setup, dev: torch.device) -> None:
-        # The mode is global in ops: set it before the first forward of this run.
-        ops.set_kernels(setup.kernels)
-        ops.set_attention(setup.attention)
+        # A fresh Ops per run: its paths() are this run's only.
+        self.ops = Ops(setup.kernels, setup.attention)
         self.w, self.setup, self.dev = w, setup, dev
         torch.manual_seed(0)
         with dev:  # parameters are created (and initialised) on the device: no host copy
-            model = w.build().to(dev)
+            model = w.build(self.ops).to(dev)
         model.train()
         shadow = copy.deepcopy(model).requires_grad_(False)
         # Pre-training target: eval mode (the reference's "initial" BatchNorm mode);
@@ -440,7 +441,7 @@ class StepRunner:
         if self.setup.ema == "loop":
             ema_loop(self.shadow_params, self.online_params, self.w.ema_rate)
         else:
-            ops.ema_update(self.shadow_params, self.online_params, self.w.ema_rate)
+            self.ops.ema_update(self.shadow_params, self.online_params, self.w.ema_rate)
         self.last_loss = loss.detach()
         return self.last_loss
 
@@ -545,7 +546,6 @@ def measure(w: Workload, setup: Setup, dev: torch.device, args, telemetry: GPUTe
     """Build, warm up and time one (workload, variant); the record of the run (status "ok")."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    ops._seen.clear()  # ops.paths() then shows this run's paths only, not an earlier run's
     t_build = time.perf_counter()
     runner = StepRunner(w, setup, dev)
     rec: dict[str, Any] = {"params": runner.params, "build_s": time.perf_counter() - t_build}
@@ -575,8 +575,8 @@ def measure(w: Workload, setup: Setup, dev: torch.device, args, telemetry: GPUTe
         peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         telemetry=sampler.summary(),
         # The loop bypasses ops, so it is named here under the key ops uses for its EMA.
-        paths={**ops.paths(), "ema": "python loop (per parameter)"} if setup.ema == "loop" else ops.paths(),
-        attention_backend=ops.attention_backend(dev, setup.amp_dtype),
+        paths={**runner.ops.paths(), "ema": "python loop (per parameter)"} if setup.ema == "loop" else runner.ops.paths(),
+        attention_backend=runner.ops.attention_backend(dev, setup.amp_dtype),
         loss=loss,
         loss_finite=math.isfinite(loss),
     )
@@ -687,7 +687,7 @@ def render_markdown(meta: dict, workloads: dict, runs: list[dict], targets: list
             f"{_telemetry_cell(r, 'power_w', '.0f')} | {_telemetry_cell(r, 'util', '.0f')} | "
             f"{fmt(r.get('first_step_s'), '.2f')} |"
         )
-    lines += ["", "## Op paths taken (ops.paths() after each run)", "", "| workload | variant | attention | paths |",
+    lines += ["", "## Op paths taken (Ops.paths() after each run)", "", "| workload | variant | attention | paths |",
               "|---|---|---|---|"]
     for r in runs:
         if r.get("paths"):
@@ -797,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     t_start = time.time()
-    # EPG_KERNELS would override the kernel mode each variant sets (ops.set_kernels reads it).
-    kernels_env = os.environ.pop("EPG_KERNELS", None)
+    # Each variant builds its own Ops: EPG_KERNELS (read only by Ops.from_config) plays no part.
+    kernels_env = os.environ.get("EPG_KERNELS")
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("no CUDA device: the full models would take hours through the Triton interpreter; use --smoke", file=sys.stderr)

@@ -1,10 +1,10 @@
 """The dispatch seam between the model and its kernels.
 
-Every memory-bound op around the matrix multiplies goes through one function here:
+Every memory-bound op around the matrix multiplies goes through one method of an `Ops`:
 layer_norm (plain or AdaLN-modulated), gated_layer_norm (the decoder's gated residual + AdaLN
-LayerNorm), patch_embed, attention and ema_update. The model calls these and never asks
-which device or kernel path it runs on; this module decides, per call, from the kernel mode
-and the tensors' device:
+LayerNorm), patch_embed, attention and ema_update. A model receives its `Ops` at
+construction and never asks which device or kernel path it runs on; the `Ops` decides, per
+call, from its kernel mode and the tensors' device:
 
 - `auto` (default): the fused Triton kernels for CUDA tensors, the PyTorch references
   otherwise;
@@ -12,14 +12,17 @@ and the tensors' device:
   which is how CI tests them);
 - `reference`: always the references.
 
-The mode comes from `model.kernels`; the environment variable EPG_KERNELS overrides it. The
-path each op takes is logged the first time and whenever it changes.
+The trainer builds its `Ops` once with `Ops.from_config` (model.kernels and model.attention,
+with the environment variable EPG_KERNELS overriding the kernel mode: the one place that
+reads it). An `Ops` records the path each op took, logs it the first time and whenever it
+changes, and shows it through `paths()` (the start-up block, the benchmarks).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,124 +42,105 @@ except ImportError:  # pragma: no cover - depends on the machine
 KERNEL_MODES = ("auto", "triton", "reference")
 ATTENTION_MODES = ("auto", "flash", "sdpa")
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_kernel_mode = "auto"
-_attention_mode = "auto"
-_seen: dict[str, str] = {}
 
 
-def _record(op: str, path: str) -> None:
-    if _seen.get(op) != path:
-        _seen[op] = path
-        log.info("op %-16s -> %s", op, path)
+@dataclass(frozen=True)
+class Ops:
+    """The kernel and attention modes of one model (or run), and the paths its ops took."""
 
+    kernel_mode: str = "auto"  # model.kernels: see the module docstring
+    attention_mode: str = "auto"  # model.attention: flash-attn when importable and usable (`auto`), `flash`, `sdpa`
+    _taken: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-def paths() -> dict[str, str]:
-    """The path each op has taken so far (for the start-up block and the benchmarks)."""
-    return dict(_seen)
+    def __post_init__(self) -> None:
+        if self.kernel_mode not in KERNEL_MODES:
+            raise ValueError(f"kernel mode (model.kernels or EPG_KERNELS) must be one of {KERNEL_MODES}, got {self.kernel_mode!r}")
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+        if self.attention_mode == "flash" and flash_attn_func is None:
+            raise RuntimeError("model.attention=flash but flash-attn is not installed")
 
+    @classmethod
+    def from_config(cls, kernels: str = "auto", attention: str = "auto") -> Ops:
+        """A run's Ops from model.kernels and model.attention; EPG_KERNELS, when set, wins."""
+        return cls(os.environ.get("EPG_KERNELS") or kernels, attention)
 
-def set_kernels(mode: str) -> str:
-    """Set the kernel mode from the config; EPG_KERNELS, when set, wins. Returns the mode."""
-    global _kernel_mode
-    mode = os.environ.get("EPG_KERNELS") or mode
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernel mode (model.kernels or EPG_KERNELS) must be one of {KERNEL_MODES}, got {mode!r}")
-    _kernel_mode = mode
-    return mode
+    def __deepcopy__(self, memo: dict) -> Ops:
+        # A copied model (the EMA shadow) shares its original's modes and record of paths.
+        return self
 
+    def paths(self) -> dict[str, str]:
+        """The path each op has taken so far."""
+        return dict(self._taken)
 
-def kernels_for(device: torch.device) -> str:
-    """'triton' or 'reference': the path the ops take for tensors on `device`."""
-    if _kernel_mode == "reference":
+    def _record(self, op: str, path: str) -> None:
+        if self._taken.get(op) != path:
+            self._taken[op] = path
+            log.info("op %-16s -> %s", op, path)
+
+    def kernels_for(self, device: torch.device) -> str:
+        """'triton' or 'reference': the path the ops take for tensors on `device`."""
+        if self.kernel_mode == "reference":
+            return "reference"
+        if device.type == "cuda":
+            return "triton"
+        if self.kernel_mode == "triton":
+            if not _INTERPRET:
+                raise RuntimeError("kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
+            return "triton"
         return "reference"
-    if device.type == "cuda":
-        return "triton"
-    if _kernel_mode == "triton":
-        if not _INTERPRET:
-            raise RuntimeError("kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
-        return "triton"
-    return "reference"
 
+    def attention_backend(self, device: torch.device, dtype: torch.dtype | None) -> str:
+        """The backend `attention` uses for tensors of this device and dtype."""
+        flash_ok = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        if self.attention_mode == "flash" and not flash_ok:
+            raise RuntimeError(f"flash-attn cannot run on {device.type} tensors of dtype {dtype}")
+        return "flash-attn" if flash_ok and self.attention_mode != "sdpa" else "sdpa"
 
-def set_attention(mode: str) -> None:
-    """`auto` (flash-attn when importable and usable, else SDPA), `flash` or `sdpa`."""
-    global _attention_mode
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    if mode == "flash" and flash_attn_func is None:
-        raise RuntimeError("model.attention=flash but flash-attn is not installed")
-    _attention_mode = mode
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Softmax attention with scale head_dim^-0.5. q, k, v: [B, T, H, hd] -> [B, T, H, hd]."""
+        backend = self.attention_backend(q.device, q.dtype)
+        self._record("attention", backend)
+        if backend == "flash-attn":
+            return flash_attn_func(q, k, v)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
 
+    def layer_norm(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+        shift: Tensor | None = None, scale: Tensor | None = None,
+    ) -> Tensor:
+        """LN(x) * (1 + scale) + shift with fp32 statistics; plain LayerNorm without shift/scale."""
+        path = self.kernels_for(x.device)
+        self._record("layer_norm" if shift is None and scale is None else "adaln_norm", path)
+        fn = ln_kernels.layer_norm_triton if path == "triton" else ln_kernels.layer_norm_reference
+        return fn(x, weight, bias, eps, shift, scale)
 
-def attention_backend(device: torch.device, dtype: torch.dtype | None) -> str:
-    """The backend `attention` uses for tensors of this device and dtype."""
-    flash_ok = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    if _attention_mode == "flash" and not flash_ok:
-        raise RuntimeError(f"flash-attn cannot run on {device.type} tensors of dtype {dtype}")
-    return "flash-attn" if flash_ok and _attention_mode != "sdpa" else "sdpa"
+    def gated_layer_norm(
+        self, x: Tensor, gate: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+        shift: Tensor | None = None, scale: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """r = x + gate * h and y = LN(r) * (1 + scale) + shift, in one pass: returns (r, y)."""
+        path = self.kernels_for(x.device)
+        self._record("gated_adaln_norm", path)
+        fn = ln_kernels.gated_layer_norm_triton if path == "triton" else ln_kernels.gated_layer_norm_reference
+        return fn(x, gate, h, weight, bias, eps, shift, scale)
 
+    def patch_embed(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, c_in: Tensor | None = None, pos: Tensor | None = None
+    ) -> Tensor:
+        """[B, C, H, W] -> [B, L, D]: patchify + linear, with optional input scale and pos add."""
+        path = self.kernels_for(x.device)
+        self._record("patch_embed", path)
+        # The kernel reads the autocast state itself (GEMM operands in the autocast dtype, as F.conv2d).
+        fn = pe_kernels.patch_embed_triton if path == "triton" else pe_kernels.patch_embed_reference
+        return fn(x, weight, bias, c_in, pos)
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention with scale head_dim^-0.5. q, k, v: [B, T, H, hd] -> [B, T, H, hd]."""
-    backend = attention_backend(q.device, q.dtype)
-    _record("attention", backend)
-    if backend == "flash-attn":
-        return flash_attn_func(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-def layer_norm(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    shift: Tensor | None = None,
-    scale: Tensor | None = None,
-) -> Tensor:
-    """LN(x) * (1 + scale) + shift with fp32 statistics; plain LayerNorm without shift/scale."""
-    path = kernels_for(x.device)
-    _record("layer_norm" if shift is None and scale is None else "adaln_norm", path)
-    fn = ln_kernels.layer_norm_triton if path == "triton" else ln_kernels.layer_norm_reference
-    return fn(x, weight, bias, eps, shift, scale)
-
-
-def gated_layer_norm(
-    x: Tensor,
-    gate: Tensor,
-    h: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    shift: Tensor | None = None,
-    scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """r = x + gate * h and y = LN(r) * (1 + scale) + shift, in one pass: returns (r, y)."""
-    path = kernels_for(x.device)
-    _record("gated_adaln_norm", path)
-    fn = ln_kernels.gated_layer_norm_triton if path == "triton" else ln_kernels.gated_layer_norm_reference
-    return fn(x, gate, h, weight, bias, eps, shift, scale)
-
-
-def patch_embed(
-    x: Tensor, weight: Tensor, bias: Tensor | None, c_in: Tensor | None = None, pos: Tensor | None = None
-) -> Tensor:
-    """[B, C, H, W] -> [B, L, D]: patchify + linear, with optional input scale and pos add."""
-    path = kernels_for(x.device)
-    _record("patch_embed", path)
-    # The kernel reads the autocast state itself (GEMM operands in the autocast dtype, as F.conv2d).
-    fn = pe_kernels.patch_embed_triton if path == "triton" else pe_kernels.patch_embed_reference
-    return fn(x, weight, bias, c_in, pos)
-
-
-def ema_update(targets: list[Tensor], onlines: list[Tensor], rate: float) -> None:
-    """In place: target = rate * target + (1 - rate) * online, for all pairs at once."""
-    if not targets:
-        return
-    path = kernels_for(targets[0].device)
-    _record("ema", path if path == "triton" else "reference (torch._foreach_lerp_)")
-    fn = ema_kernels.ema_triton if path == "triton" else ema_kernels.ema_reference
-    fn(targets, onlines, rate)
-
-
-set_kernels("auto")  # honours EPG_KERNELS for every user of this module, not only the trainer
+    def ema_update(self, targets: list[Tensor], onlines: list[Tensor], rate: float) -> None:
+        """In place: target = rate * target + (1 - rate) * online, for all pairs at once."""
+        if not targets:
+            return
+        path = self.kernels_for(targets[0].device)
+        self._record("ema", path if path == "triton" else "reference (torch._foreach_lerp_)")
+        fn = ema_kernels.ema_triton if path == "triton" else ema_kernels.ema_reference
+        fn(targets, onlines, rate)

@@ -60,6 +60,7 @@ from epg_fast.checkpoint import Checkpoints
 from epg_fast.config import Config
 from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize
 from epg_fast.models.epg import EPG, EPG_PRESETS, denoise
+from epg_fast.ops import Ops
 
 SAMPLERS = ("euler", "heun", "edm", "onestep")
 DEFAULT_INTERVAL = (0.19, 1.61)  # reference scripts/sample_dm_in256.sh: cfg_sigma_low, cfg_sigma_high
@@ -329,7 +330,7 @@ def _build(model_args: Mapping[str, object], state: Mapping[str, Tensor], descri
            device: torch.device | str) -> EPG:
     """EPG(**model_args) holding `state`, checked key by key and shape by shape first."""
     with torch.device("meta"):
-        model = EPG(**model_args)
+        model = EPG(**model_args, ops=Ops.from_config())  # the auto modes; EPG_KERNELS wins
     expected = model.state_dict()
     for key, value in expected.items():
         if key not in state:

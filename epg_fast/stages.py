@@ -25,6 +25,7 @@ from epg_fast.models.epg import EPG, load_encoder_from_pretrain
 from epg_fast.objectives.consistency import consistency_loss
 from epg_fast.objectives.denoise import denoise_loss
 from epg_fast.objectives.pretrain import levels, pretrain_loss
+from epg_fast.ops import Ops
 
 log = logging.getLogger("epg_fast")
 
@@ -39,9 +40,9 @@ class PretrainStage:
     views = ("x", "y1", "y2")
     shadow_key = "target"
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, ops: Ops) -> None:
         self.cfg = cfg
-        self.model = build_pretrain_encoder(cfg.model).to(device)
+        self.model = build_pretrain_encoder(cfg.model, ops).to(device)
         self.shadow = copy.deepcopy(self.model)  # f- starts equal to f
         self.ema_rate, self.bn_mode = cfg.pretrain.target_ema, cfg.pretrain.target_bn
 
@@ -102,14 +103,14 @@ def load_pretrained_encoder(path: str, weights: str = "module") -> dict[str, Ten
     return sd
 
 
-def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torch.device):
+def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torch.device, ops: Ops):
     """The consistency stage's perceptual feature map: the frozen pre-trained encoder's
     normalised cls feature h of an image seen at the cleanest level s * sigma_min."""
     m = cfg.model
     encoder = PretrainEncoder(
         proj_hidden=pretrained["projection_head.0.weight"].shape[0], proj_dim=pretrained["projection_head.6.weight"].shape[0],
         image_size=m.image_size, patch_size=m.patch_size, dim=m.dim, depth=m.depth, heads=m.heads,
-        mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens,
+        mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens, ops=ops,
     )
     encoder.load_state_dict(pretrained)
     encoder = encoder.to(device).eval().requires_grad_(False)
@@ -128,10 +129,10 @@ class FinetuneStage:
     views = ("x",)
     shadow_key = "ema"
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, ops: Ops) -> None:
         self.cfg, m = cfg, cfg.model
         model = EPG(m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.decoder_dim, m.decoder_heads,
-                    m.num_classes, m.mlp_ratio, m.cls_tokens, m.dropout)
+                    m.num_classes, m.mlp_ratio, m.cls_tokens, m.dropout, ops)
         self.perceptual = None
         if cfg.init.encoder:
             pretrained = load_pretrained_encoder(cfg.init.encoder)
@@ -139,7 +140,7 @@ class FinetuneStage:
             log.info("encoder initialised from %s (projector dropped); missing keys: %s; unexpected keys: %s",
                      cfg.init.encoder, missing or "none", unexpected or "none")
             if cfg.stage == "consistency" and cfg.consistency.perceptual_weight > 0:
-                self.perceptual = (perceptual_features(cfg, pretrained, device), cfg.consistency.perceptual_weight)
+                self.perceptual = (perceptual_features(cfg, pretrained, device, ops), cfg.consistency.perceptual_weight)
         else:
             log.warning("init.encoder is not set: the encoder starts from random weights")
         self.model = model.to(device)
@@ -185,5 +186,6 @@ class FinetuneStage:
         log.info("EMA samples: %s (%d network evaluations per image)", out, nfe)
 
 
-def build_stage(cfg: Config, device: torch.device) -> PretrainStage | FinetuneStage:
-    return PretrainStage(cfg, device) if cfg.stage == "pretrain" else FinetuneStage(cfg, device)
+def build_stage(cfg: Config, device: torch.device, ops: Ops) -> PretrainStage | FinetuneStage:
+    """The stage's networks compute through `ops` (the trainer's, from the config)."""
+    return PretrainStage(cfg, device, ops) if cfg.stage == "pretrain" else FinetuneStage(cfg, device, ops)

@@ -34,11 +34,11 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast import ops
 from epg_fast.checkpoint import Checkpoints
 from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
 from epg_fast.data import DataError, build_loader
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
+from epg_fast.ops import Ops
 from epg_fast.stages import build_stage
 
 log = logging.getLogger("epg_fast")
@@ -235,8 +235,9 @@ class ShadowEMA:
     """The shadow network (pre-training's target f-, fine-tuning's EMA weights): EMA of the
     online parameters after every optimiser step."""
 
-    def __init__(self, online: torch.nn.Module, target: torch.nn.Module, rate: float, bn_mode: str, zero_stage: int):
-        self.rate, self.bn_mode, self.zero_stage = rate, bn_mode, zero_stage
+    def __init__(self, online: torch.nn.Module, target: torch.nn.Module, rate: float, bn_mode: str, zero_stage: int,
+                 ops: Ops):
+        self.rate, self.bn_mode, self.zero_stage, self.ops = rate, bn_mode, zero_stage, ops
         self.online_params = list(online.parameters())
         self.target_params = list(target.parameters())
         # "ema" also averages the BatchNorm running statistics; "initial" (reference) keeps
@@ -252,14 +253,15 @@ class ShadowEMA:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(self.online_params):
-                ops.ema_update(self.target_params, self.online_params, self.rate)
+                self.ops.ema_update(self.target_params, self.online_params, self.rate)
         else:
-            ops.ema_update(self.target_params, self.online_params, self.rate)
+            self.ops.ema_update(self.target_params, self.online_params, self.rate)
         if self.online_buffers:
-            ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
+            self.ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
 
 
-def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage, loader, autocast_dtype) -> None:
+def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage, loader, autocast_dtype,
+                  ops: Ops) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
         "resolved config:",
@@ -282,8 +284,7 @@ def train(cfg: Config) -> int:
     run_dir = Path(cfg.train.run_dir)
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
-    ops.set_attention(cfg.model.attention)
-    ops.set_kernels(cfg.model.kernels)
+    ops = Ops.from_config(cfg.model.kernels, cfg.model.attention)  # the one Ops of this run's networks
     # The data first: a bad root fails in a second, before any model is built.
     loader = build_loader(
         cfg.data, image_size=cfg.model.image_size, views=("x", "y1", "y2") if cfg.stage == "pretrain" else ("x",),
@@ -293,7 +294,7 @@ def train(cfg: Config) -> int:
     import deepspeed  # here, not at the top: setup_distributed chose its accelerator
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    stage = build_stage(cfg, device)
+    stage = build_stage(cfg, device, ops)
     lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
     optimizer = torch.optim.AdamW(param_groups(stage.model, cfg), lr=lr, betas=tuple(cfg.optim.betas))
     engine, _, _, scheduler = deepspeed.initialize(
@@ -304,7 +305,7 @@ def train(cfg: Config) -> int:
         ),
         config=deepspeed_config(cfg, world, precision),
     )
-    ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.bn_mode, cfg.train.zero_stage)
+    ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.bn_mode, cfg.train.zero_stage, ops)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
@@ -323,7 +324,7 @@ def train(cfg: Config) -> int:
     end = cfg.train.stop_after or cfg.train.total_steps
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if rank == 0:
-        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype)
+        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype, ops)
     if step >= end:
         log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
         return 0

@@ -6,7 +6,7 @@ fp16 for either side, mixed too: an fp32 target may follow a bf16 online tensor)
 dtypes (integer buffers such as BatchNorm's num_batches_tracked) raise ValueError: route
 them to the reference.
 `ema_reference` is PyTorch's multi-tensor `_foreach_lerp_` (a few launches for the whole
-model); `ema_triton` is the fused kernel that replaces it when present.
+model); `ema_triton` is the fused kernel that replaces it.
 
 Launch design (multi-tensor apply). The pairs are grouped by (target dtype, online dtype);
 each group is one kernel launch over all of its chunks, whatever the number of tensors.
@@ -43,16 +43,12 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
-
-try:  # triton is optional (extras_require["triton"]); the reference works without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = None
-    tl = None
 
 BLOCK = 4096  # elements per chunk (one program): 16 KB of fp32 per tensor side
 NUM_WARPS = 8
@@ -70,65 +66,65 @@ def ema_reference(targets: list[Tensor], onlines: list[Tensor], rate: float) -> 
     torch._foreach_lerp_(targets, online, 1.0 - rate)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _ema_kernel(
-        table_ptr,  # int64 [n_tensors, 4]: target addr, online addr, numel, first chunk
-        chunk_ptr,  # int32 [n_chunks]: row of the table each chunk belongs to
-        weight,  # 1 - rate, fp32 runtime scalar
-        T_CODE: tl.constexpr,
-        O_CODE: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        row = table_ptr + tl.load(chunk_ptr + pid).to(tl.int64) * 4
-        t_addr = tl.load(row)
-        o_addr = tl.load(row + 1)
-        numel = tl.load(row + 2)
-        first = tl.load(row + 3)
-        # Typed pointers from the addresses (CODE: 0 fp32, 1 bf16, 2 fp16). Written inline:
-        # through a helper function triton 3.6 drops the alignment hint below.
-        if T_CODE == 0:
-            t_base = t_addr.to(tl.pointer_type(tl.float32))
-        elif T_CODE == 1:
-            t_base = t_addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            t_base = t_addr.to(tl.pointer_type(tl.float16))
-        if O_CODE == 0:
-            o_base = o_addr.to(tl.pointer_type(tl.float32))
-        elif O_CODE == 1:
-            o_base = o_addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            o_base = o_addr.to(tl.pointer_type(tl.float16))
-        if ALIGNED:  # the hint goes on the pointer: on the integer it does not reach the loads
-            t_base = tl.multiple_of(t_base, 16)
-            o_base = tl.multiple_of(o_base, 16)
-        start = (pid - first) * BLOCK  # int64: tensors may exceed 2**31 elements
-        t_ptrs = t_base + start + tl.arange(0, BLOCK)
-        o_ptrs = o_base + start + tl.arange(0, BLOCK)
-        if start + BLOCK <= numel:  # full chunk: no mask, so loads vectorise
-            t = tl.load(t_ptrs).to(tl.float32)
-            o = tl.load(o_ptrs).to(tl.float32)
-            new = t + weight * (o - t)
-            tl.store(t_ptrs, new.to(t_ptrs.dtype.element_ty))
-        else:
-            mask = tl.arange(0, BLOCK) < numel - start
-            t = tl.load(t_ptrs, mask=mask).to(tl.float32)
-            o = tl.load(o_ptrs, mask=mask).to(tl.float32)
-            new = t + weight * (o - t)
-            tl.store(t_ptrs, new.to(t_ptrs.dtype.element_ty), mask=mask)
+@triton.jit
+def _ema_kernel(
+    table_ptr,  # int64 [n_tensors, 4]: target addr, online addr, numel, first chunk
+    chunk_ptr,  # int32 [n_chunks]: row of the table each chunk belongs to
+    weight,  # 1 - rate, fp32 runtime scalar
+    T_CODE: tl.constexpr,
+    O_CODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(chunk_ptr + pid).to(tl.int64) * 4
+    t_addr = tl.load(row)
+    o_addr = tl.load(row + 1)
+    numel = tl.load(row + 2)
+    first = tl.load(row + 3)
+    # Typed pointers from the addresses (CODE: 0 fp32, 1 bf16, 2 fp16). Written inline:
+    # through a helper function triton 3.6 drops the alignment hint below.
+    if T_CODE == 0:
+        t_base = t_addr.to(tl.pointer_type(tl.float32))
+    elif T_CODE == 1:
+        t_base = t_addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        t_base = t_addr.to(tl.pointer_type(tl.float16))
+    if O_CODE == 0:
+        o_base = o_addr.to(tl.pointer_type(tl.float32))
+    elif O_CODE == 1:
+        o_base = o_addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        o_base = o_addr.to(tl.pointer_type(tl.float16))
+    if ALIGNED:  # the hint goes on the pointer: on the integer it does not reach the loads
+        t_base = tl.multiple_of(t_base, 16)
+        o_base = tl.multiple_of(o_base, 16)
+    start = (pid - first) * BLOCK  # int64: tensors may exceed 2**31 elements
+    t_ptrs = t_base + start + tl.arange(0, BLOCK)
+    o_ptrs = o_base + start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:  # full chunk: no mask, so loads vectorise
+        t = tl.load(t_ptrs).to(tl.float32)
+        o = tl.load(o_ptrs).to(tl.float32)
+        new = t + weight * (o - t)
+        tl.store(t_ptrs, new.to(t_ptrs.dtype.element_ty))
+    else:
+        mask = tl.arange(0, BLOCK) < numel - start
+        t = tl.load(t_ptrs, mask=mask).to(tl.float32)
+        o = tl.load(o_ptrs, mask=mask).to(tl.float32)
+        new = t + weight * (o - t)
+        tl.store(t_ptrs, new.to(t_ptrs.dtype.element_ty), mask=mask)
 
 
-class _Group:
+class _Group(NamedTuple):
     """One launch: the device tables of all pairs with one (target, online) dtype pair."""
 
-    __slots__ = ("table", "chunks", "n_chunks", "t_code", "o_code", "aligned", "n_tensors")
-
-    def __init__(self, table, chunks, n_chunks, t_code, o_code, aligned, n_tensors):
-        self.table, self.chunks, self.n_chunks = table, chunks, n_chunks
-        self.t_code, self.o_code, self.aligned, self.n_tensors = t_code, o_code, aligned, n_tensors
+    table: Tensor  # int64 [n_tensors, 4]: target address, online address, numel, first chunk
+    chunks: Tensor  # int32 [n_chunks]: the table row of each chunk
+    n_chunks: int
+    t_code: int  # _DTYPE_CODE of the targets
+    o_code: int  # _DTYPE_CODE of the online tensors
+    aligned: bool  # every address 16-byte aligned: vector loads
+    n_tensors: int
 
 
 _plans: OrderedDict[tuple, list[_Group]] = OrderedDict()
@@ -217,8 +213,6 @@ def ema_triton(
     One kernel launch per (target dtype, online dtype) group. `block` (a power of two) and
     `num_warps` are tuning knobs for the benchmarks; the defaults are the tuned ones.
     """
-    if triton is None:
-        raise RuntimeError("ema_triton needs triton (pip install triton)")
     if len(targets) != len(onlines):
         raise ValueError(f"ema_triton: {len(targets)} targets but {len(onlines)} online tensors")
     if not targets:

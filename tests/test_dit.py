@@ -4,8 +4,8 @@ fixed position embedding, and the fused-kernel path against the reference path."
 import pytest
 import torch
 
-from epg_fast import ops
 from epg_fast.models.dit import DIT_PRESETS, DiT, build_dit
+from epg_fast.ops import Ops
 
 
 def tiny(**kw) -> DiT:
@@ -50,27 +50,25 @@ def test_unknown_name_is_rejected():
 
 
 def test_fused_path_matches_reference():
-    """ops.set_kernels("triton") (the Triton interpreter on CPU) against the PyTorch references,
-    forward and parameter gradients, with the zero-initialised weights made non-zero."""
-    m = tiny()
+    """Ops("triton") (the Triton interpreter on CPU) against the PyTorch references, forward
+    and parameter gradients, with the zero-initialised weights made non-zero."""
+    reference = tiny(ops=Ops("reference"))
     with torch.no_grad():
-        for p in m.parameters():
+        for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    fused = tiny(ops=Ops("triton"))
+    fused.load_state_dict(reference.state_dict())
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 250.0, 999.0]), torch.tensor([0, 4, 10])
 
-    def run(mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ops.set_kernels(mode)
-        m.zero_grad()
+    def run(m: DiT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = m(x, t, y)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    try:
-        want, want_grads = run("reference")
-        got, got_grads = run("triton")
-        assert ops.paths()["gated_adaln_norm"] == "triton" and ops.paths()["patch_embed"] == "triton"
-    finally:
-        ops.set_kernels("auto")
+    want, want_grads = run(reference)
+    got, got_grads = run(fused)
+    assert reference.ops.paths()["gated_adaln_norm"] == "reference"
+    assert fused.ops.paths()["gated_adaln_norm"] == "triton" and fused.ops.paths()["patch_embed"] == "triton"
     assert want.abs().max() > 1e-3  # a non-trivial output
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for name, grad in want_grads.items():

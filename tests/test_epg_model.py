@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epg_fast import ops, schedule
+from epg_fast import schedule
 from epg_fast.models.encoder import ENCODER_PRESETS, LN_EPS, Encoder, PretrainEncoder
 from epg_fast.models.epg import ENCODER_PARTS, EPG, EPG_PRESETS, build_epg, denoise, load_encoder_from_pretrain
+from epg_fast.ops import Ops
 
 SMALL = dict(image_size=16, patch_size=4, dim=32, depth=3, heads=2, decoder_dim=48, decoder_heads=3, num_classes=10)
 
@@ -239,28 +240,23 @@ def test_load_encoder_from_pretrain():
         load_encoder_from_pretrain(small(), wrong)
 
 
-@pytest.fixture
-def kernel_mode():
-    yield ops.set_kernels
-    ops.set_kernels("auto")
-
-
-def test_fused_kernels_match_reference(kernel_mode):
+def test_fused_kernels_match_reference():
     """The decoder's modulated and gated LayerNorms through the Triton kernels (interpreter on
     CPU) equal the reference path, outputs and parameter gradients."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = small(depth=2).to(device)
-    perturb_zero_inits(model)
+    reference = small(depth=2, ops=Ops("reference")).to(device)
+    perturb_zero_inits(reference)
+    fused = small(depth=2, ops=Ops("triton")).to(device)
+    fused.load_state_dict(reference.state_dict())
     x, t, y = (v.to(device) for v in inputs(B=2))
     results = []
-    for mode in ("reference", "triton"):
-        kernel_mode(mode)
-        model.zero_grad()
+    for model in (reference, fused):
         out = model(x, t, y)
         (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert ops.paths()["gated_adaln_norm"] == "triton"
+    assert reference.ops.paths()["gated_adaln_norm"] == "reference"
+    assert fused.ops.paths()["gated_adaln_norm"] == "triton"
     (ref, g_ref), (tri, g_tri) = results
     torch.testing.assert_close(tri, ref, atol=1e-4, rtol=1e-4)
     for name in g_ref:

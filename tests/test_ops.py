@@ -1,5 +1,7 @@
-"""The dispatch seam: kernel mode from config or EPG_KERNELS, per-device path choice."""
+"""The dispatch seam: an Ops' kernel mode (from config, EPG_KERNELS overriding it), per-device
+path choice, and its record of the paths taken."""
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -9,40 +11,60 @@ import torch
 
 from epg_fast import ops
 from epg_fast.config import Config
-
-
-@pytest.fixture(autouse=True)
-def restore_mode():
-    yield
-    ops.set_kernels("auto")
+from epg_fast.models.encoder import Encoder
+from epg_fast.ops import Ops
 
 
 def test_auto_uses_references_on_cpu_and_kernels_on_cuda():
-    assert ops.set_kernels("auto") == "auto"
-    assert ops.kernels_for(torch.device("cpu")) == "reference"
-    assert ops.kernels_for(torch.device("cuda", 0)) == "triton"
+    auto = Ops()
+    assert auto.kernels_for(torch.device("cpu")) == "reference"
+    assert auto.kernels_for(torch.device("cuda", 0)) == "triton"
 
 
 def test_reference_mode_everywhere():
-    ops.set_kernels("reference")
-    assert ops.kernels_for(torch.device("cuda", 0)) == "reference"
+    assert Ops("reference").kernels_for(torch.device("cuda", 0)) == "reference"
+
+
+def test_bad_modes_fail_at_construction():
+    with pytest.raises(ValueError, match="must be one of"):
+        Ops("fast")
+    with pytest.raises(ValueError, match="attention mode must be one of"):
+        Ops(attention_mode="eager")
 
 
 def test_environment_overrides_config(monkeypatch):
+    monkeypatch.delenv("EPG_KERNELS", raising=False)
+    assert Ops.from_config("triton", "sdpa") == Ops("triton", "sdpa")
     monkeypatch.setenv("EPG_KERNELS", "reference")
-    assert ops.set_kernels("triton") == "reference"
+    assert Ops.from_config("triton", "sdpa") == Ops("reference", "sdpa")
+    assert Ops("triton").kernel_mode == "triton"  # built directly, an Ops ignores the environment
     monkeypatch.setenv("EPG_KERNELS", "fast")
     with pytest.raises(ValueError, match="must be one of"):
-        ops.set_kernels("auto")
+        Ops.from_config("auto")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    ops.set_kernels("triton")
     monkeypatch.setattr(ops, "_INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.kernels_for(torch.device("cpu"))
+        Ops("triton").kernels_for(torch.device("cpu"))
     monkeypatch.setattr(ops, "_INTERPRET", True)
-    assert ops.kernels_for(torch.device("cpu")) == "triton"
+    assert Ops("triton").kernels_for(torch.device("cpu")) == "triton"
+
+
+def test_each_model_records_its_own_paths_and_its_copies_share_them():
+    """Two models with different modes in one process do not affect each other; the EMA
+    shadow (a deep copy) shares its original's Ops, and the state dict holds no trace of it."""
+    fused, plain = Encoder(8, 4, 16, 1, 2, ops=Ops("triton")), Encoder(8, 4, 16, 1, 2, ops=Ops("reference"))
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 0.5)
+    shadow = copy.deepcopy(fused)
+    assert shadow.ops is fused.ops and shadow.blocks[0].attn.ops is fused.ops
+    shadow(x, t)
+    plain(x, t)
+    assert fused.ops.paths() == {"patch_embed": "triton", "layer_norm": "triton", "attention": "sdpa"}
+    assert plain.ops.paths() == {"patch_embed": "reference", "layer_norm": "reference", "attention": "sdpa"}
+    assert Encoder(8, 4, 16, 1, 2).ops == Ops()  # the default: the auto modes
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    assert not any("ops" in k for k in fused.state_dict())
 
 
 def test_readme_documents_every_config_key():

@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from epg_fast import ops, schedule
+from epg_fast import schedule
 from epg_fast.models import encoder
+from epg_fast.ops import Ops
 
 LN_EPS = 1e-6  # DiT's LayerNorms (elementwise_affine=False, eps=1e-6)
 FREQ_DIM = 256  # width of the sinusoidal timestep embedding fed to the timestep MLP
@@ -46,8 +47,8 @@ DIT_PRESETS: dict[str, Preset] = {
 class Attention(encoder.Attention):
     """The encoder's attention with a biased qkv projection (timm's qkv_bias=True, as DiT)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__(dim, heads)
+    def __init__(self, dim: int, heads: int, *, ops: Ops) -> None:
+        super().__init__(dim, heads, ops=ops)
         self.qkv = nn.Linear(dim, 3 * dim)
 
 
@@ -74,31 +75,33 @@ class TimestepEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x + gate_a * Attn(modulate(LN(x))), then the same for the MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, ops: Ops) -> None:
         super().__init__()
-        self.attn = Attention(dim, heads)
+        self.ops = ops
+        self.attn = Attention(dim, heads, ops=ops)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = ops.layer_norm(x, None, None, LN_EPS, shift_a, scale_a)
+        h = self.ops.layer_norm(x, None, None, LN_EPS, shift_a, scale_a)
         # x + gate_a * Attn(...) and the MLP's modulated LN of that sum, in one pass.
-        x, h = ops.gated_layer_norm(x, gate_a, self.attn(h), None, None, LN_EPS, shift_m, scale_m)
+        x, h = self.ops.gated_layer_norm(x, gate_a, self.attn(h), None, None, LN_EPS, shift_m, scale_m)
         return x + gate_m[:, None] * self.mlp(h)
 
 
 class FinalLayer(nn.Module):
     """modulate(LN(x)) with (shift, scale) from c, then Linear to one patch of every channel."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+    def __init__(self, dim: int, patch_size: int, out_channels: int, *, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(ops.layer_norm(x, None, None, LN_EPS, shift, scale))
+        return self.linear(self.ops.layer_norm(x, None, None, LN_EPS, shift, scale))
 
 
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:
@@ -136,19 +139,21 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         mlp_ratio: float = 4.0,
         learn_sigma: bool = True,
+        ops: Ops | None = None,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
         self.input_size, self.patch_size = input_size, patch_size
+        self.ops = ops = ops or Ops()  # shared by every module; holds no weights
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.x_embedder = encoder.PatchEmbed(patch_size, dim, in_channels)
+        self.x_embedder = encoder.PatchEmbed(patch_size, dim, in_channels, ops=ops)
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = nn.Embedding(num_classes + 1, dim)  # last row: "no class"
         # A buffer: fixed, saved with the model, never trained or counted as a parameter.
         self.register_buffer("pos_embed", sincos_pos_embed(dim, input_size // patch_size)[None])
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(dim, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, ops=ops) for _ in range(depth))
+        self.final_layer = FinalLayer(dim, patch_size, self.out_channels, ops=ops)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -183,10 +188,10 @@ class DiT(nn.Module):
         return x.reshape(B, C, g * p, g * p)
 
 
-def build_dit(name: str, input_size: int = 32, num_classes: int = 1000) -> DiT:
+def build_dit(name: str, input_size: int = 32, num_classes: int = 1000, ops: Ops | None = None) -> DiT:
     """A DiT from its name, preset/patch: build_dit("DiT-XL/2") (256 px), build_dit("DiT-XL/2", 64) (512 px)."""
     preset, _, patch = name.partition("/")
     if preset not in DIT_PRESETS or not patch.isdigit():
         raise ValueError(f"DiT name must be PRESET/PATCH with PRESET one of {', '.join(DIT_PRESETS)}, got {name!r}")
     p = DIT_PRESETS[preset]
-    return DiT(input_size, int(patch), p.dim, p.depth, p.heads, num_classes=num_classes)
+    return DiT(input_size, int(patch), p.dim, p.depth, p.heads, num_classes=num_classes, ops=ops)

@@ -7,7 +7,8 @@ itself (it sees c_in(t) * x_t and the time token of c_noise(t)).
 
 Parameter names follow the reference implementation (patch_embed.proj, blocks.i.attn.qkv,
 projection_head.0 ...) so its checkpoints map one to one. Compute goes through
-`epg_fast.ops`, which picks fused kernels or references; the modules here own parameters.
+the model's `epg_fast.ops.Ops` (given at construction, shared by every module), which picks
+fused kernels or references; the modules here own parameters.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from epg_fast import ops, schedule
+from epg_fast import schedule
+from epg_fast.ops import Ops
 
 # name: (blocks, width, heads) of the encoder; the XL/XXL/G encoders are ViT-B.
 ENCODER_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -35,19 +37,20 @@ LN_EPS = 1e-5  # the reference builds every LayerNorm with torch's default epsil
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm's parameters, computed through ops.layer_norm (fp32 statistics)."""
+    """nn.LayerNorm's parameters, computed through Ops.layer_norm (fp32 statistics)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, ops: Ops) -> None:
         super().__init__(dim, eps=LN_EPS)
+        self.ops = ops
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, *, ops: Ops) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.ops = heads, ops
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)  # on the output projection, as the reference's proj_drop
@@ -55,7 +58,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2)
-        return self.drop(self.proj(ops.attention(q, k, v).reshape(B, T, D)))
+        return self.drop(self.proj(self.ops.attention(q, k, v).reshape(B, T, D)))
 
 
 class MLP(nn.Module):
@@ -72,11 +75,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0, *, ops: Ops) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.norm2 = LayerNorm(dim)
+        self.norm1 = LayerNorm(dim, ops=ops)
+        self.attn = Attention(dim, heads, dropout, ops=ops)
+        self.norm2 = LayerNorm(dim, ops=ops)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,21 +88,23 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Holds a Conv2d's parameters (kernel = stride = p); computes through ops.patch_embed."""
+    """Holds a Conv2d's parameters (kernel = stride = p); computes through Ops.patch_embed."""
 
-    def __init__(self, patch_size: int, dim: int, channels: int = 3) -> None:
+    def __init__(self, patch_size: int, dim: int, channels: int = 3, *, ops: Ops) -> None:
         super().__init__()
         self.proj = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
+        self.ops = ops
 
     def forward(self, x: Tensor, c_in: Tensor | None, pos: Tensor | None) -> Tensor:
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, c_in, pos)
+        return self.ops.patch_embed(x, self.proj.weight, self.proj.bias, c_in, pos)
 
 
 class Encoder(nn.Module):
     """Noise-conditioned ViT. forward(x_t, t) -> tokens [B, T+1+L, D] before the final norm.
 
     The EPG model (models/epg.py) extends this class, so its encoder parameters keep these
-    names at the top level of its state dict, as in the reference checkpoints."""
+    names at the top level of its state dict, as in the reference checkpoints. `ops` (default:
+    Ops(), the `auto` modes) is shared by all its modules; it holds no weights."""
 
     def __init__(
         self,
@@ -111,15 +116,17 @@ class Encoder(nn.Module):
         mlp_ratio: float = 4.0,
         cls_tokens: int = 1,
         dropout: float = 0.0,
+        ops: Ops | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.patch_size, self.cls_tokens = dim, patch_size, cls_tokens
+        self.ops = ops = ops or Ops()
         num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.patch_embed = PatchEmbed(patch_size, dim, ops=ops)
         self.cls_token = nn.Parameter(torch.zeros(1, cls_tokens, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cls_tokens + 1 + num_patches, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
-        self.norm = LayerNorm(dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, ops=ops) for _ in range(depth))
+        self.norm = LayerNorm(dim, ops=ops)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -235,10 +242,11 @@ class PretrainEncoder(nn.Module):
         return z, h
 
 
-def build_pretrain_encoder(model_cfg) -> PretrainEncoder:
+def build_pretrain_encoder(model_cfg, ops: Ops | None = None) -> PretrainEncoder:
     """From a resolved `ModelConfig` (preset already expanded into depth/dim/heads)."""
     m = model_cfg
     return PretrainEncoder(
         proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, image_size=m.image_size, patch_size=m.patch_size,
         dim=m.dim, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, cls_tokens=m.cls_tokens, dropout=m.dropout,
+        ops=ops,
     )

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from epg_fast import ops, schedule
+from epg_fast import schedule
 from epg_fast.models.encoder import LN_EPS, MLP, Attention, Encoder, LayerNorm
+from epg_fast.ops import Ops
 
 
 class Preset(NamedTuple):
@@ -55,13 +56,16 @@ class DecoderBlock(nn.Module):
     top of them: LN(x) * (1 + scale) + shift.
     """
 
-    def __init__(self, dim: int, encoder_dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, encoder_dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0, *, ops: Ops
+    ) -> None:
         super().__init__()
+        self.ops = ops
         self.skip_linear = nn.Linear(dim + encoder_dim, dim)
-        self.skip_norm = LayerNorm(dim)
-        self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.norm2 = LayerNorm(dim)
+        self.skip_norm = LayerNorm(dim, ops=ops)
+        self.norm1 = LayerNorm(dim, ops=ops)
+        self.attn = Attention(dim, heads, dropout, ops=ops)
+        self.norm2 = LayerNorm(dim, ops=ops)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
         # The condition c has the encoder's width; index 1 is the reference's adaLN_modulation.1.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(encoder_dim, 6 * dim))
@@ -71,9 +75,9 @@ class DecoderBlock(nn.Module):
         # Input first, skip second: the column order of the reference's skip_linear weight.
         x = self.skip_norm(self.skip_linear(torch.cat([x, skip], dim=-1)))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, LN_EPS, shift_a, scale_a)
+        h = self.ops.layer_norm(x, self.norm1.weight, self.norm1.bias, LN_EPS, shift_a, scale_a)
         # x + gate_a * Attn(...) and the MLP's modulated LN of that sum, in one pass.
-        x, h = ops.gated_layer_norm(x, gate_a, self.attn(h), self.norm2.weight, self.norm2.bias, LN_EPS, shift_m, scale_m)
+        x, h = self.ops.gated_layer_norm(x, gate_a, self.attn(h), self.norm2.weight, self.norm2.bias, LN_EPS, shift_m, scale_m)
         return x + gate_m[:, None] * self.mlp(h)
 
 
@@ -97,15 +101,16 @@ class EPG(Encoder):
         mlp_ratio: float = 4.0,
         cls_tokens: int = 1,
         dropout: float = 0.0,
+        ops: Ops | None = None,
     ) -> None:
-        super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens, dropout)
+        super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens, dropout, ops)
         self.image_size, self.num_classes = image_size, num_classes
         self.class_embed = nn.Embedding(num_classes + 1, dim)  # last row: "no class"
         self.encoder_to_decoder = nn.Linear(dim, decoder_dim) if decoder_dim != dim else nn.Identity()
         self.decoder_blocks = nn.ModuleList(
-            DecoderBlock(decoder_dim, dim, decoder_heads, mlp_ratio, dropout) for _ in range(depth)
+            DecoderBlock(decoder_dim, dim, decoder_heads, mlp_ratio, dropout, ops=self.ops) for _ in range(depth)
         )
-        self.out_norm = LayerNorm(decoder_dim)
+        self.out_norm = LayerNorm(decoder_dim, ops=self.ops)
         self.out = nn.Linear(decoder_dim, patch_size * patch_size * 3)
         self._init_decoder()
 
@@ -145,12 +150,12 @@ class EPG(Encoder):
         return x.reshape(B, 3, g * p, g * p)
 
 
-def build_epg(preset: str, image_size: int, patch_size: int, num_classes: int = 1000) -> EPG:
+def build_epg(preset: str, image_size: int, patch_size: int, num_classes: int = 1000, ops: Ops | None = None) -> EPG:
     """An EPG model from the preset table, e.g. build_epg("EPG-XL", 256, 16)."""
     if preset not in EPG_PRESETS:
         raise ValueError(f"unknown EPG preset {preset!r} (known: {', '.join(EPG_PRESETS)})")
     p = EPG_PRESETS[preset]
-    return EPG(image_size, patch_size, p.dim, p.depth, p.heads, p.decoder_dim, p.decoder_heads, num_classes)
+    return EPG(image_size, patch_size, p.dim, p.depth, p.heads, p.decoder_dim, p.decoder_heads, num_classes, ops=ops)
 
 
 def denoise(model: EPG, x_t: Tensor, t: Tensor, y: Tensor, t_min: float, prediction: str = "edm") -> Tensor:
