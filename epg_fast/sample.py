@@ -58,6 +58,7 @@ from torch import Tensor
 from epg_fast import schedule
 from epg_fast.checkpoint import Checkpoints
 from epg_fast.config import Config
+from epg_fast.distributed import teardown_distributed
 from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize
 from epg_fast.models.epg import EPG, EPG_PRESETS, denoise
 from epg_fast.ops import Ops
@@ -621,8 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epg_fast.sample: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 if __name__ == "__main__":

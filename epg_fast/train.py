@@ -37,6 +37,7 @@ from tqdm import tqdm
 from epg_fast.checkpoint import Checkpoints
 from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
 from epg_fast.data import DataError, build_loader
+from epg_fast.distributed import teardown_distributed
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.ops import Ops
 from epg_fast.stages import build_stage
@@ -417,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epg_fast: data error: {err}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 if __name__ == "__main__":

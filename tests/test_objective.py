@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from epg_fast.distributed import teardown_distributed
 from epg_fast.models.encoder import PretrainEncoder
 from epg_fast.objectives.pretrain import levels, nce, pretrain_loss
 
@@ -47,7 +48,7 @@ def _two_rank_worker(rank: int, init_file: str, u: torch.Tensor, v: torch.Tensor
     loss.backward()
     # data parallel: the global loss and gradient are the means over ranks
     out[rank] = (loss.detach(), u_local.grad.clone())
-    dist.destroy_process_group()
+    teardown_distributed()
 
 
 def test_nce_two_ranks_equals_single_process(tmp_path):
