@@ -66,7 +66,7 @@ def reduced_geometric_views(
     path: str, size: int, rng: np.random.Generator, with_y: bool, precropped: bool
 ) -> tuple[list[Image.Image], bool, list[YDraw], int]:
     """device_views.geometric_views from a file, decoding small when the draws allow:
-    ([x, y1, y2], x's flip, [y1's, y2's decisions], reduction factor)."""
+    ([x, y1, y2], x's flip, [y1's, y2's decisions], reduction factor used)."""
     with open(path, "rb") as f:
         width, height = Image.open(f).size  # header only
     x_flip = bool(rng.random() < FLIP_P)
@@ -77,6 +77,7 @@ def reduced_geometric_views(
         regions += [d.box[2:] for d in draws]
     factor = reduction_factor(regions, size)
     img, scale = open_reduced(path, factor)
+    factor = round(1 / scale)  # 1 when the format has no reduced decode
     if scale == 1:
         base = center_crop(img, size)
     else:  # the same region as from the full decode, in one bicubic resize
