@@ -1,13 +1,17 @@
 """Write the ADM center-crop tree (the reference's one-off ImageNet pre-processing).
 
-    python -m epg_fast.data.precrop SRC DST --size 256 [--workers N]
+    python -m epg_fast.data.precrop SRC DST --size 256 [--format png|jpeg|raw] [--workers N]
 
 Every image of SRC is decoded, converted to RGB, center-cropped to SIZE x SIZE (see
-`views.center_crop`) and saved as PNG under the same class folder in DST. Every class folder
+`views.center_crop`) and saved under the same class folder in DST: as PNG (lossless, the
+default), as JPEG (--quality, default 95; smaller, decoded at every read), or, with
+--format raw, as uint8 pixels in memory-mappable shards that are read without decoding
+(see `shards.py`; --per-shard images per shard file). Every class folder
 is created, empty ones too, so labels (the sorted folder order) stay the same. Files are
 written under a temporary name and renamed, and existing outputs are skipped, so an
 interrupted run can simply be started again. Files that fail to decode are listed, not
-written. Train on DST with `data.precropped=true`.
+written. Train on a png or jpeg DST with `data.precropped=true` (the loaders read raw shards in
+a later change).
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ import os
 from collections import Counter
 
 from epg_fast.data.index import scan_image_folder
+from epg_fast.data.shards import write_shards
 from epg_fast.data.views import center_crop, load_image
 
 log = logging.getLogger("epg_fast.data")
 
 
-def _crop_one(task: tuple[str, str, int]) -> str | None:
+FORMATS = {"png": (".png", {"format": "PNG"}), "jpeg": (".jpg", {"format": "JPEG", "quality": 95})}
+
+
+def _crop_one(task: tuple[str, str, int, dict]) -> str | None:
     """Crop one file; returns None on success, else "path: reason"."""
-    src, dst, size = task
+    src, dst, size, save_args = task
     if os.path.exists(dst):
         return None
     try:
@@ -35,24 +43,30 @@ def _crop_one(task: tuple[str, str, int]) -> str | None:
     except Exception as e:  # decoders raise many types on corrupt input
         return f"{src}: {type(e).__name__}: {e}"
     tmp = f"{dst}.tmp{os.getpid()}"
-    center_crop(img, size).save(tmp, format="PNG")
+    center_crop(img, size).save(tmp, **save_args)
     os.replace(tmp, dst)
     return None
 
 
-def precrop(src: str, dst: str, size: int, workers: int) -> tuple[int, list[str]]:
+def precrop(
+    src: str, dst: str, size: int, workers: int, fmt: str = "png", quality: int = 95, per_shard: int = 1000
+) -> tuple[int, list[str]]:
     """Returns (number of images indexed, failures as "path: reason")."""
     index = scan_image_folder(src, validate=False)  # failures are reported per file below
+    if fmt == "raw":
+        return write_shards(index, dst, size, per_shard, workers)
+    ext, save_args = FORMATS[fmt]
+    save_args = {**save_args, "quality": quality} if fmt == "jpeg" else save_args
     rels = [index.relpath(i) for i in range(len(index))]
-    targets = [os.path.splitext(r)[0] + ".png" for r in rels]
+    targets = [os.path.splitext(r)[0] + ext for r in rels]
     clashes = {t for t, n in Counter(targets).items() if n > 1}
     # a.jpg and a.png in one folder would both become a.png: keep their full names then.
-    targets = [r + ".png" if t in clashes else t for r, t in zip(rels, targets)]
+    targets = [r + ext if t in clashes else t for r, t in zip(rels, targets)]
     for name in index.classes:
         os.makedirs(os.path.join(dst, name), exist_ok=True)
     for folder in {os.path.dirname(t) for t in targets}:
         os.makedirs(os.path.join(dst, folder), exist_ok=True)
-    tasks = [(index.path(i), os.path.join(dst, t), size) for i, t in enumerate(targets)]
+    tasks = [(index.path(i), os.path.join(dst, t), size, save_args) for i, t in enumerate(targets)]
     failures: list[str] = []
     step = max(1, len(tasks) // 20)
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -70,12 +84,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="ImageFolder tree: SRC/<class>/<image>")
     parser.add_argument("dst", help="output tree (created; existing files are kept)")
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels (default 256)")
+    parser.add_argument("--format", choices=("png", "jpeg", "raw"), default="png",
+                        help="png (lossless), jpeg (--quality) or raw (uint8 shards, no decode at read time)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (--format jpeg)")
+    parser.add_argument("--per-shard", type=int, default=1000, help="images per shard file (--format raw)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    if args.size <= 0:
-        parser.error("--size must be > 0")
+    if args.size <= 0 or args.per_shard <= 0:
+        parser.error("--size and --per-shard must be > 0")
+    if not 1 <= args.quality <= 100:
+        parser.error("--quality must be in 1..100")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    total, failures = precrop(args.src, args.dst, args.size, args.workers)
+    total, failures = precrop(args.src, args.dst, args.size, args.workers, args.format, args.quality, args.per_shard)
     for failure in failures[:10]:
         log.warning("not written: %s", failure)
     log.info(

@@ -1,0 +1,258 @@
+"""The SSL views' photometric augmentations, batched in torch on the training device
+(`data.augment=device`): the PIL reference (views.apply_y) replayed op by op.
+
+The split: a loader worker decodes, applies the crop geometry (x: the ADM center crop; y: the
+drawn box resized to R x R, exactly views.apply_y's first step) and draws every decision with
+views.draw_y from the sample's generator, as the PIL path does; `pack_y` turns the decisions
+into a few small tensors. On the device, `augment_y` applies colour jitter (the four ops in
+the drawn order), grey, blur, solarize and flip to a whole batch, without a Python loop over
+samples and without a host synchronisation (samples that skip an op get an identity
+parameter or a `torch.where`), and `augment_views` does it for a loader batch.
+
+Each op reproduces Pillow's integer semantics (Pillow 9-13, libImaging), so the views equal
+the PIL path's, bit for bit, up to rare float-rounding ties (tests/test_device_views.py):
+- brightness, contrast, saturation: `Image.blend(degenerate, img, f)` = trunc(clip(d + f*(img - d)))
+  in float32, with f cast to float32; degenerate = black, the grey image's rounded mean, the
+  grey image. Grey = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (ITU-R 601-2, Pillow's "L").
+- hue: Pillow's RGB->HSV->RGB with 8-bit H, S, V and its float/double mix (rgb2hsv, hsv2rgb),
+  H shifted by int(shift * 255) with wrap-around (views._adjust_hue).
+- blur: Pillow's GaussianBlur is not a Gaussian but three passes of a box filter with a
+  fractional radius (Gwosdek et al. 2011), each pass rounded to uint8, horizontal then
+  vertical, edges replicated. The box taps (integers scaled by 2^24) are computed on the host
+  from sigma with Pillow's float32 arithmetic (`box_blur_taps`), the passes run in int64.
+- solarize: v >= 128 -> 255 - v. Flip: left-right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from epg_fast.data.views import BLUR_SIGMA, FLIP_P, Y1, Y2, YDraw, center_crop, draw_y
+
+_BLUR_PASSES = 3
+_ONE = 1 << 24  # Pillow's box-blur fixed point
+
+
+# ---------------------------------------------------------------------------------------
+# Host side: decisions -> tensors
+
+
+def _box_radius(sigma: float) -> np.float32:
+    """Pillow's _gaussian_blur_radius: the fractional box radius giving `sigma` over 3 passes
+    (float32 as in C; the sqrt and floor in double, as C's sqrt/floor of a float)."""
+    radius = np.float32(sigma)
+    sigma2 = radius * radius / np.float32(_BLUR_PASSES)
+    length = np.float32(np.sqrt(12.0 * np.float64(sigma2) + 1.0))
+    whole = np.float32(np.floor((np.float64(length) - 1.0) / 2.0))
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
+    frac /= 6 * (sigma2 - (whole + 1) * (whole + 1))
+    return whole + frac
+
+
+MAX_BOX_RADIUS = int(_box_radius(BLUR_SIGMA[1]))  # 1: the widest box views.draw_y can ask for
+BLUR_TAPS = 2 * MAX_BOX_RADIUS + 3  # offsets -r-1 .. r+1
+
+
+def box_blur_taps(sigma: float) -> np.ndarray:
+    """int64 [BLUR_TAPS]: one box pass for `sigma` (0 = identity), Pillow's ImagingHorizontalBoxBlur
+    weights: `ww` on offsets -r..r, `fw` on -r-1 and r+1, out = (sum + 2^23) >> 24."""
+    taps = np.zeros(BLUR_TAPS, np.int64)
+    if sigma == 0:
+        taps[BLUR_TAPS // 2] = _ONE
+        return taps
+    radius = _box_radius(sigma)
+    r = int(radius)
+    if r > MAX_BOX_RADIUS:
+        raise ValueError(f"blur sigma {sigma} needs a box radius above {MAX_BOX_RADIUS}")
+    ww = int(np.float32(_ONE) / (radius * 2 + 1))  # C: (UINT32)(1 << 24) / (float) -> float, truncated
+    fw = (_ONE - (2 * r + 1) * ww) // 2
+    mid = BLUR_TAPS // 2
+    taps[mid - r : mid + r + 1] = ww
+    taps[mid - r - 1] = taps[mid + r + 1] = fw
+    return taps
+
+
+def pack_y(draws: Sequence[YDraw]) -> dict[str, torch.Tensor]:
+    """One y view's decisions for a batch, as CPU tensors (pinnable, a few bytes per sample).
+
+    Samples without jitter get identity factors (1, 1, 1) and no hue; their order is unused."""
+    jitter = [d.jitter for d in draws]
+    return {
+        "jitter": torch.tensor(jitter, dtype=torch.bool),
+        "order": torch.tensor([d.order for d in draws], dtype=torch.int64),
+        "factors": torch.tensor([d.factors[:3] if d.jitter else (1.0, 1.0, 1.0) for d in draws], dtype=torch.float32),
+        "hue_delta": torch.tensor([int(d.factors[3] * 255) for d in draws], dtype=torch.int64),  # as views._adjust_hue
+        "gray": torch.tensor([d.gray for d in draws], dtype=torch.bool),
+        "blur_taps": torch.from_numpy(np.stack([box_blur_taps(d.sigma if d.blur else 0.0) for d in draws])),
+        "solarize": torch.tensor([d.solarize for d in draws], dtype=torch.bool),
+        "flip": torch.tensor([d.flip for d in draws], dtype=torch.bool),
+    }
+
+
+def crop_y(img: Image.Image, size: int, d: YDraw) -> Image.Image:
+    """The geometric part of views.apply_y: the drawn box, resized to size x size."""
+    left, top, w, h = d.box
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+
+
+def geometric_views(
+    img: Image.Image, size: int, rng: np.random.Generator, with_y: bool, precropped: bool
+) -> tuple[list[Image.Image], bool, list[YDraw]]:
+    """The worker's share of views.make_views: ([x, y1, y2] unflipped and un-jittered, x's flip,
+    [y1's, y2's decisions]), drawing from `rng` exactly as make_views does."""
+    base = center_crop(img, size)
+    x_flip = bool(rng.random() < FLIP_P)  # views.hflip's coin
+    if not with_y:
+        return [base], x_flip, []
+    src = base if precropped else img
+    draws = [draw_y(src.width, src.height, rng, **Y1), draw_y(src.width, src.height, rng, **Y2)]
+    return [base] + [crop_y(src, size, d) for d in draws], x_flip, draws
+
+
+# ---------------------------------------------------------------------------------------
+# Device side: batched ops on float32 [B, 3, H, W] images holding integers 0..255
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _grey(img: torch.Tensor) -> torch.Tensor:
+    """Pillow's "L" of an RGB batch, [B, 1, H, W] (exact in int32)."""
+    r, g, b = img.to(torch.int32).unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1).to(img.dtype)
+
+
+def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Image.blend(degenerate, img, factor): float32, then truncated and clipped to 0..255."""
+    return (degenerate + _per_sample(factor) * (img - degenerate)).clamp_(0, 255).floor_()
+
+
+def _brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(torch.zeros_like(img), img, factor)
+
+
+def _contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    grey = _grey(img).to(torch.int64)
+    mean = grey.sum(dim=(1, 2, 3)).double() / grey[0].numel()  # ImageStat's mean, in double
+    return _blend(_per_sample(torch.floor(mean + 0.5).to(img.dtype)), img, factor)
+
+
+def _saturation(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(_grey(img), img, factor)
+
+
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """C's round() for x >= 0 (ties away from zero; torch.round ties to even)."""
+    low = torch.floor(x)
+    return torch.where(x - low >= 0.5, low + 1, low)
+
+
+def _hue(img: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """views._adjust_hue: Pillow's rgb2hsv, H += delta (mod 256), hsv2rgb. Float32 where the C
+    code uses float variables, float64 where it computes with double literals."""
+    f32, f64 = torch.float32, torch.float64
+    r, g, b = img.to(f32).unbind(1)
+    maxc = torch.maximum(r, torch.maximum(g, b))
+    minc = torch.minimum(r, torch.minimum(g, b))
+    grey = maxc == minc
+    cr = torch.where(grey, torch.ones_like(maxc), maxc - minc)
+    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
+    h = torch.where(
+        r == maxc, bc - gc,
+        torch.where(g == maxc, (2.0 + rc.to(f64) - bc.to(f64)).to(f32), (4.0 + gc.to(f64) - rc.to(f64)).to(f32)),
+    )
+    h = torch.fmod(h.to(f64) / 6.0 + 1.0, 1.0).to(f32)
+    hue = torch.where(grey, 0.0, torch.floor(h.to(f64) * 255.0))
+    sat = torch.where(grey, 0.0, torch.floor(s.to(f64) * 255.0))
+    hue = torch.remainder(hue + delta.view(-1, 1, 1).to(f64), 256.0)
+
+    sector = torch.floor(hue * 6.0 / 255.0)
+    frac = (hue * 6.0 / 255.0 - sector).to(f32)
+    fs = (sat / 255.0).to(f32)
+    v = maxc.to(f64)
+    p = _round_half_up(v * (1.0 - fs.to(f64)))
+    q = _round_half_up(v * (1.0 - (fs * frac).to(f64)))  # fs * f is a float product in C
+    t = _round_half_up(v * (1.0 - fs.to(f64) * (1.0 - frac.to(f64))))
+    # Per sector (i % 6), which of (v, p, q, t) each output channel takes.
+    choice = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=img.device)
+    candidates = torch.stack([v, p, q, t], dim=1)  # [B, 4, H, W]
+    pick = choice[sector.to(torch.int64) % 6].permute(0, 3, 1, 2)  # [B, 3, H, W]
+    rgb = torch.gather(candidates, 1, pick)
+    rgb = torch.where((sat == 0).unsqueeze(1), v.unsqueeze(1), rgb)
+    return rgb.clamp_(0, 255).to(img.dtype)
+
+
+def _jitter(img: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ColorJitter with per-sample op order: at each of the four positions every sample runs
+    the op it drew there; the others get an identity factor (blend with factor 1 is exact)
+    or keep their pixels (hue, whose HSV round trip is not an identity)."""
+    ones = torch.ones_like(p["factors"][:, 0])
+    for k in range(4):
+        op = p["order"][:, k]
+        for j, fn in enumerate((_brightness, _contrast, _saturation)):
+            img = fn(img, torch.where(p["jitter"] & (op == j), p["factors"][:, j], ones))
+        img = torch.where(_per_sample(p["jitter"] & (op == 3)), _hue(img, p["hue_delta"]), img)
+    return img
+
+
+def _box_pass(img: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
+    """One box-blur pass along `dim` (int64 image, edges replicated, rounded as Pillow)."""
+    pad = BLUR_TAPS // 2
+    n = img.shape[dim]
+    padded = torch.cat([img.narrow(dim, 0, 1).expand_as(img.narrow(dim, 0, pad)), img,
+                        img.narrow(dim, n - 1, 1).expand_as(img.narrow(dim, 0, pad))], dim=dim)
+    acc = torch.zeros_like(img)
+    for k in range(BLUR_TAPS):
+        acc += _per_sample(taps[:, k]) * padded.narrow(dim, k, n)
+    return (acc + (1 << 23)) >> 24
+
+
+def _blur(img: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    out = img.to(torch.int64)
+    for dim in (3, 2):  # Pillow: all horizontal passes, then all vertical ones
+        for _ in range(_BLUR_PASSES):
+            out = _box_pass(out, taps, dim)
+    return out.to(img.dtype)
+
+
+def _solarize(img: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    return torch.where(_per_sample(on) & (img >= 128), 255 - img, img)
+
+
+def flip(images: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Left-right flip of the samples where `on` (bool [B]) is set."""
+    return torch.where(_per_sample(on), images.flip(-1), images)
+
+
+def augment_y(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """uint8 [B, 3, H, W] geometric y crops + `pack_y` decisions (on the same device) -> the
+    views views.apply_y makes: jitter, grey, blur, solarize, flip, as drawn. uint8 out."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"augment_y expects uint8 [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    img = images.to(torch.float32)
+    img = _jitter(img, params)
+    img = torch.where(_per_sample(params["gray"]), _grey(img).expand_as(img), img)
+    img = _blur(img, params["blur_taps"])
+    img = _solarize(img, params["solarize"])
+    return flip(img, params["flip"]).to(torch.uint8)
+
+
+def augment_views(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """A device-augment loader batch -> the PIL path's batch, on `device`.
+
+    In: uint8 "x" (unflipped center crops), "x_flip" (bool [B]), and in pre-training "y1", "y2"
+    (geometric crops) with "y1_params", "y2_params" (`pack_y`); other keys pass through.
+    Out: "x", "y1", "y2" as make_views's views (uint8), ready for views.normalize."""
+    out = {k: v for k, v in batch.items() if not k.endswith(("_params", "_flip"))}
+    out["x"] = flip(batch["x"].to(device, non_blocking=True), batch["x_flip"].to(device, non_blocking=True))
+    for view in ("y1", "y2"):
+        if view in batch:
+            params = {k: v.to(device, non_blocking=True) for k, v in batch[f"{view}_params"].items()}
+            out[view] = augment_y(batch[view].to(device, non_blocking=True), params)
+    return out
