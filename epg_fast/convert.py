@@ -55,7 +55,7 @@ def unwrap(obj: object, weights: str | None = None) -> tuple[dict[str, Tensor], 
 
 
 def detect(state: Mapping[str, Tensor], naming: str) -> str:
-    """'epg' or 'pretrain' for a state dict in `naming` ('reference' or 'ours')."""
+    """'epg' or 'encoder' (a pre-training encoder) for a state dict in `naming` ('reference' or 'ours')."""
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in state)
@@ -63,31 +63,31 @@ def detect(state: Mapping[str, Tensor], naming: str) -> str:
     if has(PREFIX):
         if naming == "reference":
             raise ConvertError("keys start with 'encoder.': already in our naming? use --to reference")
-        return "pretrain"
+        return "encoder"
     if has("decoder_blocks."):
         return "epg"
     if has("projection_head."):
         if naming == "ours":
             raise ConvertError("projection_head.* without encoder.*: a reference pre-training checkpoint? use --to ours")
-        return "pretrain"
+        return "encoder"
     raise ConvertError(
         "neither an EPG model (no decoder_blocks.* keys) nor a pre-training encoder (no projection_head.* keys)"
     )
 
 
 def _ours_name(kind: str, ref_name: str) -> str:
-    if kind == "pretrain" and not ref_name.startswith("projection_head."):
+    if kind == "encoder" and not ref_name.startswith("projection_head."):
         return PREFIX + ref_name
     return ref_name
 
 
 def _reference_name(kind: str, our_name: str) -> str:
-    return our_name.removeprefix(PREFIX) if kind == "pretrain" else our_name
+    return our_name.removeprefix(PREFIX) if kind == "encoder" else our_name
 
 
 def _infer(kind: str, state: Mapping[str, Tensor], source_name: Callable[[str], str]) -> torch.nn.Module:
     """Our model (on the meta device) with the architecture of `state` (our naming)."""
-    enc = PREFIX if kind == "pretrain" else ""
+    enc = PREFIX if kind == "encoder" else ""
 
     def shape(key: str) -> torch.Size:
         key = key if key.startswith("projection_head.") else enc + key
@@ -120,7 +120,7 @@ def _from_preset(kind: str, state: Mapping[str, Tensor], preset: str, image_size
                  num_classes: int) -> torch.nn.Module:
     known = EPG_PRESETS if kind == "epg" else ENCODER_PRESETS
     if preset not in known:
-        raise ConvertError(f"unknown preset '{preset}' for a {kind} checkpoint (known: {', '.join(known)})")
+        raise ConvertError(f"unknown preset '{preset}' for an {kind} checkpoint (known: {', '.join(known)})")
     with torch.device("meta"):
         if kind == "epg":
             return build_epg(preset, image_size, patch_size, num_classes)
@@ -143,7 +143,7 @@ def convert(
     num_classes: int = 1000,
 ) -> tuple[str, dict[str, Tensor]]:
     """Map a state dict to our naming (`to="ours"`, from the reference's) or back
-    (`to="reference"`). Returns (kind, converted) with kind 'epg' or 'pretrain'; the tensors
+    (`to="reference"`). Returns (kind, converted) with kind 'epg' or 'encoder'; the tensors
     are the input's own (no copy). Raises ConvertError on any unknown key, missing key or
     shape mismatch against our model (from `preset`, else inferred from `state`)."""
     if to not in ("ours", "reference"):
