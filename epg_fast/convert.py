@@ -3,8 +3,10 @@
     python -m epg_fast.convert SRC DST [--to ours|reference] [--weights ema|model]
                                [--preset EPG-XL --image-size 256 --patch-size 16 --num-classes 1000]
 
-SRC is a plain state dict (the published `EPG-XL16-imagenet256.pth` and siblings) or one
-wrapped as {"model": sd} / {"ema": sd}. Two kinds of network are recognised:
+SRC is a plain state dict (the published `EPG-XL16-imagenet256.pth` and siblings), one
+wrapped as {"model": sd} / {"ema": sd}, or a checkpoint folder of ours (a run folder: its
+newest; "model" is the online network, "ema" the shadow: pre-training's target or
+fine-tuning's EMA weights). Two kinds of network are recognised:
 
 - an EPG model (has `decoder_blocks.*`): our `models.epg.EPG` uses the reference's names,
   so the mapping is the identity, checked name by name and shape by shape;
@@ -24,10 +26,12 @@ import math
 import pickle
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from epg_fast.checkpoint import CheckpointError, read_checkpoint
 from epg_fast.models.encoder import ENCODER_PRESETS, PretrainEncoder
 from epg_fast.models.epg import EPG, EPG_PRESETS, build_epg
 
@@ -180,6 +184,19 @@ def convert(
     return kind, {_reference_name(kind, k): v for k, v in ours.items()}
 
 
+def _read_source(src: str) -> object:
+    if Path(src).is_dir():
+        try:
+            saved = read_checkpoint(src)
+        except CheckpointError as e:
+            raise ConvertError(str(e)) from None
+        return {"model": saved.weights, "ema": saved.shadow}
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ConvertError(f"cannot read {src}: {str(e).strip().splitlines()[0]}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epg_fast.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src")
@@ -193,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000, help="with --preset")
     args = parser.parse_args(argv)
     try:
-        try:
-            obj = torch.load(args.src, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise ConvertError(f"cannot read {args.src}: {str(e).strip().splitlines()[0]}") from e
+        obj = _read_source(args.src)
         state, wrapper = unwrap(obj, args.weights)
         kind, out = convert(state, args.to, args.preset, args.image_size, args.patch_size, args.num_classes)
     except ConvertError as e:

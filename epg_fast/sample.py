@@ -317,7 +317,7 @@ def write_npz(path: Path, chunks: Iterable[np.ndarray], labels: np.ndarray, imag
 @dataclass
 class GeneratorInfo:
     source: str  # the file the weights came from
-    stage: str  # "denoise" or "consistency"
+    stage: str  # a fine-tuning stage (one whose Stage.sampling is set)
     prediction: str  # "x0" or "edm" (see models.epg.denoise)
     normalization: str  # "imagenet" or "simple" (see data.normalize)
     image_size: int

@@ -88,3 +88,20 @@ def test_init_encoder_must_be_a_pretraining_checkpoint(env, pretrained, tmp_path
     proc = subprocess.run([sys.executable, TRAIN, "--stage", "denoise", *FINETUNE, f"init.encoder={wrong}",
                            f"train.run_dir={tmp_path / 'again'}"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "is a 'denoise' checkpoint, not a pre-training one" in proc.stderr
+
+
+def test_convert_a_checkpoint_folder(env, pretrained, tmp_path):
+    """The converter reads our checkpoint folders through epg_fast.checkpoint: the shadow
+    (here the EMA target) by default, the online weights with --weights model."""
+    import torch
+
+    from epg_fast.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(pretrained)
+    for weights, expected in (("ema", saved.shadow), ("model", saved.weights)):
+        out = tmp_path / f"{weights}.pth"
+        run([sys.executable, "-m", "epg_fast.convert", str(pretrained), str(out), "--to", "reference",
+             "--weights", weights], env)
+        converted = torch.load(out)
+        assert converted.keys() == {k.removeprefix("encoder."): None for k in expected}.keys()
+        assert all(torch.equal(converted[k.removeprefix("encoder.")], v) for k, v in expected.items())
