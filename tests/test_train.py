@@ -4,6 +4,7 @@ stop, SIGTERM and SIGKILL), two DeepSpeed ranks, ZeRO stages, bf16, and clear ex
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def test_dali_loader_in_training(env, tmp_path):
     run(train_cmd(tmp_path / "dali", *common, "data.loader=dali", "data.workers=1"), env)
     assert losses(tmp_path / "dali") == pytest.approx(losses(tmp_path / "torch"), rel=1e-3)
     def loader_object(run_dir: Path) -> str:  # the class the startup block names, module included
-        return (run_dir / "train.log").read_text().split("loader: ")[1].split("(")[1].split(")")[0]
+        return re.search(r"steps/epoch of \d+; loader: \w+ \(([\w.]+)\)", (run_dir / "train.log").read_text())[1]
 
     assert "dali" in loader_object(tmp_path / "dali").lower()
     assert "dali" not in loader_object(tmp_path / "torch").lower()
