@@ -4,9 +4,11 @@
         [--steps N] [--warmup N] [--workloads W ...] [--variants V ...] [--batch [W=]N ...]
         [--time-budget S] [--compile-backend B]
 
-Workloads. One GPU, a plain PyTorch training step: forward, backward, AdamW step, EMA
-update. No DeepSpeed and no data loading: the inputs are synthetic and made on the device
-once, so this measures the model step alone (the trainer adds the loader and DeepSpeed).
+Workloads. One GPU, a plain PyTorch training step: the trainer's own stage object
+(epg_fast.stages: its per-step draws and loss, from a uint8 batch as the loader hands it
+over), backward, AdamW step, EMA update. No DeepSpeed and no data loading: the inputs are
+synthetic and made on the device once, so this measures the model step alone (the trainer
+adds the loader and DeepSpeed).
 - `pretrain`: EPG-XL/16 pre-training: the ViT-B/16 encoder + projector (4096 / 256) at
   256 px, batch 128, with the real objective (`pretrain_loss`: the online model, its EMA
   copy as the target network, the three views, one shared noise tensor, a level index drawn

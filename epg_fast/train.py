@@ -141,7 +141,7 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------------------------------
-# The training loop (every stage; epg_fast/stages.py holds what differs)
+# The training loop (every stage; epg_fast/stages/ holds what differs)
 
 
 def step_generator(gen: torch.Generator, seed: int, step: int, rank: int) -> torch.Generator:
