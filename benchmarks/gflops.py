@@ -98,8 +98,8 @@ def epg_rows(nfe: int) -> list[Row]:
                 encoder_forward_gflops=(encoder + projector_macs(p.dim, cfg.proj_hidden, cfg.proj_dim)) / GIGA,
                 train_step_gflops={
                     "pretrain": pretrain_step_macs(cfg) / GIGA,
-                    "denoise": finetune_step_macs(cfg, "denoise") / GIGA,
-                    "consistency": finetune_step_macs(cfg, "consistency") / GIGA,
+                    "denoise": finetune_step_macs(cfg, target_forward=False) / GIGA,
+                    "consistency": finetune_step_macs(cfg, target_forward=True) / GIGA,
                 },
             )
             name = f"{preset}/{patch}"

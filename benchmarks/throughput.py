@@ -4,9 +4,11 @@
         [--steps N] [--warmup N] [--workloads W ...] [--variants V ...] [--batch [W=]N ...]
         [--time-budget S] [--compile-backend B]
 
-Workloads. One GPU, a plain PyTorch training step: forward, backward, AdamW step, EMA
-update. No DeepSpeed and no data loading: the inputs are synthetic and made on the device
-once, so this measures the model step alone (the trainer adds the loader and DeepSpeed).
+Workloads. One GPU, a plain PyTorch training step: the trainer's own stage object
+(epg_fast.stages: its per-step draws and loss, from a uint8 batch as the loader hands it
+over), backward, AdamW step, EMA update. No DeepSpeed and no data loading: the inputs are
+synthetic and made on the device once, so this measures the model step alone (the trainer
+adds the loader and DeepSpeed).
 - `pretrain`: EPG-XL/16 pre-training: the ViT-B/16 encoder + projector (4096 / 256) at
   256 px, batch 128, with the real objective (`pretrain_loss`: the online model, its EMA
   copy as the target network, the three views, one shared noise tensor, a level index drawn
@@ -80,11 +82,10 @@ from torch import Tensor, nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from epg_fast import schedule  # noqa: E402
-from epg_fast.config import DenoiseConfig, FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig  # noqa: E402
-from epg_fast.flops import finetune_step_macs, pretrain_step_macs  # noqa: E402
+from epg_fast.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from epg_fast.metrics import GPUTelemetry  # noqa: E402
 from epg_fast.ops import Ops  # noqa: E402
+from epg_fast.stages import build_stage, resolve_config, stage_named  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also when a test loads this file by path
 from report import fmt, git_commit, write_report  # noqa: E402
@@ -236,108 +237,92 @@ def make_setup(variant: str, cuda: bool, compile_backend: str) -> Setup:
 
 @dataclass
 class Workload:
-    """One training step to measure: how to build the model, its inputs and its loss."""
+    """One training step to measure: the stage that builds the networks and computes the
+    loss (the trainer's own, for EPG), and a batch as the loader hands it over."""
 
     name: str
     title: str
     batch: int
-    ema_rate: float
-    build: Callable[[Ops], nn.Module]  # called with the device as the default device
+    stage: Callable[[Setup, torch.device, Ops], Any]  # a Stage (epg_fast.stages) of the variant, on the device
     inputs: Callable[[int, torch.device], dict[str, Tensor]]
-    # loss(online, shadow, inputs, setup, generator) -> scalar loss (under autocast)
-    loss: Callable[[nn.Module, nn.Module, dict[str, Tensor], Setup, torch.Generator], Tensor]
     macs_per_image: int | None  # forward + backward of one training step, one image
     macs_source: str
-    target_in_loss: bool = False  # pre-training: the EMA copy is the loss's target network
     missing: str | None = None  # the workload cannot run at all (a module does not import)
 
 
-def _images(*names: str, size: int) -> Callable[[int, torch.device], dict[str, Tensor]]:
-    def make(batch: int, dev: torch.device) -> dict[str, Tensor]:
-        g = torch.Generator(device=dev).manual_seed(1)
-        return {k: torch.randn(batch, 3, size, size, generator=g, device=dev) for k in names}
+# The timed steps are at mid-training of the default schedule: pre-training's curriculum
+# then has 1281 levels.
+STEP = TrainConfig().total_steps // 2
 
-    return make
+
+def _stage_workload(name: str, title: str, batch: int, cfg: Config, macs_source: str) -> Workload:
+    """A workload of the trainer's stage `cfg.stage` (a resolved config): the variant's stage
+    options (the reference's consistency target) are set in a copy of `cfg` before the stage
+    is built."""
+
+    def stage(setup: Setup, dev: torch.device, ops: Ops):
+        variant = copy.deepcopy(cfg)
+        variant.pretrain.consistency_target = setup.consistency_target
+        return build_stage(variant, dev, ops)
+
+    def inputs(batch: int, dev: torch.device) -> dict[str, Tensor]:
+        g = torch.Generator(device=dev).manual_seed(1)
+        size = cfg.model.image_size
+        out = {k: torch.randint(256, (batch, 3, size, size), generator=g, device=dev, dtype=torch.uint8)
+               for k in stage_named(cfg.stage).views}
+        out["label"] = torch.randint(cfg.model.num_classes, (batch,), generator=g, device=dev)
+        return out
+
+    return Workload(name, title, batch, stage, inputs, stage_named(cfg.stage).macs_per_image(cfg), macs_source)
 
 
 def pretrain_workload(smoke: bool, batch: int) -> Workload:
-    from epg_fast.models.encoder import ENCODER_PRESETS, build_pretrain_encoder
-    from epg_fast.objectives.pretrain import levels, pretrain_loss
-
     if smoke:
         m = ModelConfig(depth=2, dim=64, heads=2, image_size=16, patch_size=4, proj_hidden=128, proj_dim=32)
     else:
-        depth, dim, heads = ENCODER_PRESETS["EPG-XL"]
-        m = ModelConfig(preset="EPG-XL", depth=depth, dim=dim, heads=heads, image_size=256, patch_size=16)
-    p, total = PretrainConfig(), TrainConfig().total_steps
-    num_levels = schedule.curriculum_steps(total // 2, total, p.s0, p.s1)
-    draw = torch.Generator().manual_seed(0)  # the level index, on the CPU: no device sync
-
-    def loss(online, target, inputs, setup, gen):
-        lv = levels(int(torch.randint(num_levels - 1, (1,), generator=draw)), num_levels, m.image_size)
-        x = inputs["x"]
-        noise = torch.randn(x.shape, generator=gen, device=x.device)  # drawn every step, as the trainer
-        value, _ = pretrain_loss(online, target, x, inputs["y1"], inputs["y2"], noise, lv,
-                                 p.tau_contrastive, p.tau_consistency, setup.consistency_target)
-        return value
-
-    size = f"{m.image_size} px, patch {m.patch_size}, depth {m.depth}, dim {m.dim}"
-    return Workload(
-        name="pretrain",
-        title=("tiny encoder + projector" if smoke else "EPG-XL/16 pre-training (ViT-B/16 + projector 4096/256)") + f", {size}",
-        batch=batch,
-        ema_rate=p.target_ema,
-        build=lambda ops: build_pretrain_encoder(m, ops),
-        inputs=_images("x", "y1", "y2", size=m.image_size),
-        loss=loss,
-        macs_per_image=pretrain_step_macs(m),
-        macs_source="flops.pretrain_step_macs (6 encoder + 4 projector forwards, 3 + 2 of them with backward)",
-        target_in_loss=True,
-    )
+        m = ModelConfig(preset="EPG-XL", image_size=256, patch_size=16)
+    cfg = resolve_config(Config(stage="pretrain", model=m))
+    size = f"{m.image_size} px, patch {m.patch_size}"
+    title = "tiny encoder + projector" if smoke else "EPG-XL/16 pre-training (ViT-B/16 + projector 4096/256)"
+    return _stage_workload("pretrain", f"{title}, {size}", batch, cfg,
+                           "flops.pretrain_step_macs (6 encoder + 4 projector forwards, 3 + 2 of them with backward)")
 
 
 def denoise_workload(smoke: bool, batch: int) -> Workload:
-    from epg_fast.models.epg import EPG, EPG_PRESETS
-    from epg_fast.objectives.denoise import denoise_loss
-
     if smoke:
         m = ModelConfig(depth=2, dim=64, heads=2, decoder_dim=96, decoder_heads=2, image_size=16, patch_size=4, num_classes=10)
     else:
-        p = EPG_PRESETS["EPG-XL"]
-        m = ModelConfig(preset="EPG-XL", depth=p.depth, dim=p.dim, heads=p.heads, decoder_dim=p.decoder_dim,
-                        decoder_heads=p.decoder_heads, image_size=256, patch_size=16, num_classes=1000)
-    d, f = DenoiseConfig(), FinetuneConfig()
-
-    def build(ops: Ops) -> nn.Module:
-        return EPG(m.image_size, m.patch_size, m.dim, m.depth, m.heads, m.decoder_dim, m.decoder_heads, m.num_classes,
-                   ops=ops)
-
-    def inputs(batch: int, dev: torch.device) -> dict[str, Tensor]:
-        out = _images("x", size=m.image_size)(batch, dev)
-        out["y"] = torch.randint(m.num_classes, (batch,), device=dev)
-        return out
-
-    def loss(model, _shadow, inputs, setup, gen):
-        value, _ = denoise_loss(model, inputs["x"], inputs["y"], image_size=m.image_size, generator=gen,
-                                num_classes=m.num_classes, p_mean=d.p_mean, p_std=d.p_std, levels=d.levels,
-                                label_dropout=f.label_dropout)
-        return value
-
-    return Workload(
-        name="denoise",
-        title=("tiny EPG" if smoke else "EPG-XL/16 denoise fine-tuning")
-        + f", {m.image_size} px, patch {m.patch_size}, encoder {m.depth}x{m.dim}, decoder {m.depth}x{m.decoder_dim}",
-        batch=batch,
-        ema_rate=f.ema,
-        build=build,
-        inputs=inputs,
-        loss=loss,
-        macs_per_image=finetune_step_macs(m, "denoise"),
-        macs_source="flops.finetune_step_macs(stage='denoise') (one forward with backward, x3)",
-    )
+        m = ModelConfig(preset="EPG-XL", image_size=256, patch_size=16, num_classes=1000)
+    cfg = resolve_config(Config(stage="denoise", model=m))
+    title = (("tiny EPG" if smoke else "EPG-XL/16 denoise fine-tuning") + f", {m.image_size} px, patch {m.patch_size}, "
+             f"encoder {m.depth}x{m.dim}, decoder {m.depth}x{m.decoder_dim}")
+    return _stage_workload("denoise", title, batch, cfg, "flops.finetune_step_macs (one forward with backward, x3)")
 
 
 DIT_STEPS = 1000  # DDPM steps of DiT's linear beta schedule
+
+
+class DiTStage:
+    """DiT latent training behind the stage protocol's step surface: its network and EMA
+    shadow, no shared draws, and a plain epsilon-prediction MSE at a uniform DDPM step."""
+
+    shadow_in_loss = False
+    ema_rate = 0.9999
+
+    def __init__(self, model: nn.Module, channels: int) -> None:
+        self.model, self.channels = model, channels
+        self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def draws(self, step: int, gen: torch.Generator) -> tuple[()]:
+        return ()
+
+    def loss(self, online, batch, step, draws, gen) -> tuple[Tensor, dict]:
+        x0, alpha_bar = batch["x"], batch["alpha_bar"]
+        t = torch.randint(DIT_STEPS, (x0.shape[0],), generator=gen, device=x0.device)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+        out = online(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), batch["label"])
+        return F.mse_loss(out[:, : self.channels].float(), eps), {}  # the variance half unused
 
 
 def dit_workload(smoke: bool, batch: int) -> Workload:
@@ -350,7 +335,7 @@ def dit_workload(smoke: bool, batch: int) -> Workload:
     try:
         from epg_fast.models import dit
     except Exception as e:  # ImportError, or a module that does not import yet
-        return Workload("dit", title, batch, 0.9999, nothing, nothing, nothing, None, "", missing=f"{type(e).__name__}: {e}")
+        return Workload("dit", title, batch, nothing, nothing, None, "", missing=f"{type(e).__name__}: {e}")
 
     if smoke:
         dim, depth, heads = 64, 2, 2
@@ -372,19 +357,11 @@ def dit_workload(smoke: bool, batch: int) -> Workload:
         betas = torch.linspace(1e-4, 0.02, DIT_STEPS, dtype=torch.float64)
         return {
             "x": torch.randn(batch, channels, size, size, generator=g, device=dev),
-            "y": torch.randint(classes, (batch,), generator=g, device=dev),
+            "label": torch.randint(classes, (batch,), generator=g, device=dev),
             "alpha_bar": torch.cumprod(1 - betas, 0).float().to(dev),
         }
 
-    def loss(model, _shadow, inputs, setup, gen):
-        x0, alpha_bar = inputs["x"], inputs["alpha_bar"]
-        t = torch.randint(DIT_STEPS, (x0.shape[0],), generator=gen, device=x0.device)
-        a = alpha_bar[t].view(-1, 1, 1, 1)
-        eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-        out = model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), inputs["y"])
-        return F.mse_loss(out[:, :channels].float(), eps)  # epsilon prediction; the variance half unused
-
-    return Workload("dit", title, batch, 0.9999, build, inputs, loss, macs, source)
+    return Workload("dit", title, batch, lambda setup, dev, ops: DiTStage(build(ops), channels), inputs, macs, source)
 
 
 BUILDERS = {"pretrain": pretrain_workload, "denoise": denoise_workload, "dit": dit_workload}
@@ -394,7 +371,9 @@ BUILDERS = {"pretrain": pretrain_workload, "denoise": denoise_workload, "dit": d
 
 
 class StepRunner:
-    """The models, optimiser, scaler and EMA of one (workload, variant), and its `step()`."""
+    """The stage, optimiser, scaler and EMA of one (workload, variant), and its `step()`: the
+    stage's draws and loss as the trainer runs them, then a plain PyTorch backward, AdamW
+    step and EMA update (no DeepSpeed)."""
 
     def __init__(self, w: Workload, setup: Setup, dev: torch.device) -> None:
         # A fresh Ops per run: its paths() are this run's only.
@@ -402,21 +381,18 @@ class StepRunner:
         self.w, self.setup, self.dev = w, setup, dev
         torch.manual_seed(0)
         with dev:  # parameters are created (and initialised) on the device: no host copy
-            model = w.build(self.ops).to(dev)
+            self.stage = w.stage(setup, dev, self.ops)
+        model, shadow = self.stage.model, self.stage.shadow
         model.train()
-        shadow = copy.deepcopy(model).requires_grad_(False)
-        # Pre-training target: eval mode (the reference's "initial" BatchNorm mode);
-        # fine-tuning: the EMA weights, used only for sampling.
-        shadow.eval()
         self.params = sum(p.numel() for p in model.parameters())
         self.online_params, self.shadow_params = list(model.parameters()), list(shadow.parameters())
-        self.online, self.shadow = model, shadow
+        self.online = model
         if setup.compile_backend:
             # dynamic=False: pre-training calls the encoder at three batch sizes; static
             # shapes give one specialised graph each, as the steady state of a real run.
             self.online = torch.compile(model, backend=setup.compile_backend, dynamic=False)
-            if w.target_in_loss:
-                self.shadow = torch.compile(shadow, backend=setup.compile_backend, dynamic=False)
+            if self.stage.shadow_in_loss:  # the loss calls the stage's shadow: compile it there
+                self.stage.shadow = torch.compile(shadow, backend=setup.compile_backend, dynamic=False)
         hyper = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03)
         fused = {"fused": True} if setup.optimizer == "fused" else {}
         self.optimizer = torch.optim.AdamW(model.parameters(), **hyper, **fused)
@@ -426,10 +402,12 @@ class StepRunner:
         self.scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**10) if setup.grad_scaler else None
         self.inputs = w.inputs(w.batch, dev)
         self.gen = torch.Generator(device=dev).manual_seed(2)
+        self.draw_gen = torch.Generator().manual_seed(0)  # shared draws on the CPU: no device sync
 
     def step(self) -> Tensor:
+        draws = self.stage.draws(STEP, self.draw_gen)
         with torch.autocast(self.dev.type, dtype=self.setup.amp_dtype):
-            loss = self.w.loss(self.online, self.shadow, self.inputs, self.setup, self.gen)
+            loss, _ = self.stage.loss(self.online, self.inputs, STEP, draws, self.gen)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -439,9 +417,9 @@ class StepRunner:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.setup.ema == "loop":
-            ema_loop(self.shadow_params, self.online_params, self.w.ema_rate)
+            ema_loop(self.shadow_params, self.online_params, self.stage.ema_rate)
         else:
-            self.ops.ema_update(self.shadow_params, self.online_params, self.w.ema_rate)
+            self.ops.ema_update(self.shadow_params, self.online_params, self.stage.ema_rate)
         self.last_loss = loss.detach()
         return self.last_loss
 
@@ -874,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workloads: dict[str, Workload] = {n: BUILDERS[n](args.smoke, batches[n]) for n in names}
     workload_info = {n: dict(title=w.title, batch=w.batch, macs_per_image=w.macs_per_image, macs_source=w.macs_source,
-                             ema_rate=w.ema_rate, missing=w.missing) for n, w in workloads.items()}
+                             missing=w.missing) for n, w in workloads.items()}
     # Every workload's reference and fast first, the compile runs (slowest to start) last:
     # a time budget then cuts the compile runs first.
     order = [(n, v) for n in names for v in variants if v != "compile"]

@@ -8,6 +8,12 @@ Layout under <run_dir>/checkpoints/:
         COMPLETE                    written last: {"step": 100}
     step_00000200.tmp/              a save in progress (or killed mid-write): never loaded
 
+The model-states file holds the online weights ("module", DeepSpeed's name), the shadow
+weights (pre-training's EMA target under "target", fine-tuning's EMA weights under "ema"),
+the step, the loader state ("data") and the resolved config ("config"). `read_checkpoint`
+reads it for whoever needs a saved model (the sampler, `init.encoder`, a probe); the
+trainer resumes through `Checkpoints.load` (DeepSpeed: weights, optimiser, lr schedule).
+
 A save writes everything into `<name>.tmp`, fsyncs it, writes COMPLETE, then renames the
 folder into place. Whatever kills the process mid-save, the previous completed checkpoint
 is untouched and `latest()` does not see the partial one. Multi-node runs need run_dir on a
@@ -22,6 +28,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,72 @@ import torch.distributed as dist
 
 log = logging.getLogger("epg_fast")
 _NAME = re.compile(r"^step_(\d{8})$")
+MARKER = "COMPLETE"
+STATES = "*mp_rank_00_model_states.pt"  # ZeRO-3 prefixes zero_pp_rank_0_
+SHADOW_KEYS = ("target", "ema")  # where a stage keeps its shadow weights
+
+
+class CheckpointError(ValueError):
+    """A path that is not a readable completed checkpoint; the message is one line."""
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def completed(run_dir: str | Path) -> list[Path]:
+    """The completed checkpoints of a run folder, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name) and is_complete(p)), key=lambda p: p.name)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A completed checkpoint folder as given, or the newest completed one of a run folder."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        done = completed(path)
+        if not done:
+            raise CheckpointError(f"{path} has no completed checkpoint in {path / 'checkpoints'}")
+        return done[-1]
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a completed checkpoint folder (no {MARKER} marker)")
+    return path
+
+
+@dataclass
+class Saved:
+    """What a checkpoint holds for someone who is not resuming the run."""
+
+    folder: Path
+    file: Path  # the model-states file
+    config: dict[str, Any]  # the resolved config of the run (Config.to_dict())
+    step: int | None
+    weights: Mapping[str, torch.Tensor]  # the online network's state dict
+    shadow: Mapping[str, torch.Tensor] | None  # the shadow network's (target or EMA weights)
+
+    @property
+    def stage(self) -> str | None:
+        return self.config.get("stage")
+
+
+def read_checkpoint(path: str | Path) -> Saved:
+    """The config, weights and shadow weights of a completed checkpoint folder (or of a run
+    folder's newest). Raises CheckpointError (one line) for anything else."""
+    folder = find_checkpoint(path)
+    files = sorted(folder.glob(STATES))
+    if not files:
+        raise CheckpointError(f"{folder} has no {STATES}")
+    # Our own trainer's file: it also pickles DeepSpeed's bookkeeping, hence weights_only=False.
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    config = state.get("config")
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{files[0]} has no 'config': not a checkpoint written by epg_fast.train")
+    shadow = next((state[k] for k in SHADOW_KEYS if isinstance(state.get(k), Mapping)), None)
+    return Saved(folder, files[0], dict(config), state.get("step"), state.get("module"), shadow)
 
 
 def _fsync(path: Path) -> None:
@@ -68,10 +142,7 @@ class Checkpoints:
 
     def completed(self) -> list[Path]:
         """Completed checkpoints, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir() if _NAME.match(p.name) and (p / "COMPLETE").is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return completed(self.dir.parent)
 
     def latest(self) -> Path | None:
         done = self.completed()
@@ -89,7 +160,7 @@ class Checkpoints:
         torch.save(rng_state(), tmp / f"rank_{self.rank:05d}.pt")
         _barrier()
         if self.rank == 0:
-            (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+            (tmp / MARKER).write_text(json.dumps({"step": step}))
             for p in sorted(tmp.rglob("*")) + [tmp]:
                 _fsync(p)
             if final.exists():  # re-saving a step (e.g. a run restarted with resume=none)
@@ -107,8 +178,8 @@ class Checkpoints:
     def load(self, engine, path: Path) -> dict[str, Any]:
         """Restore engine (weights, optimiser, lr schedule) and this rank's RNG; returns the
         client state saved with it."""
-        if not (path / "COMPLETE").is_file():
-            raise FileNotFoundError(f"{path} is not a completed checkpoint (no COMPLETE marker)")
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is not a completed checkpoint (no {MARKER} marker)")
         loaded, client_state = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )

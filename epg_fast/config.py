@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -289,8 +290,10 @@ def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
     return layers + [data]
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> Config:
-    """Defaults <- YAML preset <- dotted overrides, then validation of every value."""
+def read_config(path: str | Path | None, overrides: Sequence[str] = (), stage: str | None = None) -> Config:
+    """Defaults <- YAML preset <- dotted overrides, every key and type checked. The values
+    are checked by the stage (`Stage.configure`, which also expands model presets) and then
+    by `check_config`: `epg_fast.stages.load_config` runs all three."""
     cfg = Config()
     if path is None:
         path = default_config_path(stage or cfg.stage)
@@ -301,42 +304,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), stage: str |
     _apply(cfg, parse_overrides(list(overrides)), "")
     if stage is not None and cfg.stage != stage:
         raise ConfigError(f"--stage {stage} was given a '{cfg.stage}' config ({path})")
-    resolve(cfg)
+    _check_choices(cfg, "")
     return cfg
 
 
-def resolve(cfg: Config) -> None:
-    """Fill derived values (encoder preset, run dir) and check ranges; raises ConfigError."""
-    from epg_fast.models.encoder import ENCODER_PRESETS  # local: the models import this module
-    from epg_fast.models.epg import EPG_PRESETS
-
-    _check_choices(cfg, "")
+def check_config(cfg: Config) -> None:
+    """The range checks every stage shares (the architecture is resolved by then), and the
+    default run dir; raises ConfigError."""
     m = cfg.model
-    finetune = cfg.stage != "pretrain"
-    arch = ("depth", "dim", "heads") + (("decoder_dim", "decoder_heads") if finetune else ())
-    if m.preset != "custom":
-        presets = {k: tuple(v)[:5] for k, v in EPG_PRESETS.items()} if finetune else ENCODER_PRESETS
-        if m.preset not in presets:
-            close = difflib.get_close_matches(m.preset, list(presets), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown model.preset '{m.preset}' for stage {cfg.stage}{hint} (known: custom, {', '.join(presets)})"
-            )
-        for key, value in zip(arch, presets[m.preset]):
-            if getattr(m, key) not in (None, value):
-                raise ConfigError(
-                    f"model.{key}={getattr(m, key)} conflicts with model.preset={m.preset} ({value}); "
-                    "use model.preset=custom to set it"
-                )
-            setattr(m, key, value)
-    if finetune:  # a custom decoder defaults to the encoder's width
-        m.decoder_dim = m.decoder_dim if m.decoder_dim is not None else m.dim
-        m.decoder_heads = m.decoder_heads if m.decoder_heads is not None else m.heads
-    for key in arch:
-        if getattr(m, key) is None:
-            raise ConfigError(f"model.{key} must be set when model.preset=custom")
     positive = {
-        "model.depth": m.depth, "model.dim": m.dim, "model.heads": m.heads,
         "model.image_size": m.image_size, "model.patch_size": m.patch_size,
         "model.cls_tokens": m.cls_tokens, "model.proj_hidden": m.proj_hidden,
         "model.proj_dim": m.proj_dim, "train.global_batch": cfg.train.global_batch,
@@ -349,24 +325,6 @@ def resolve(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {value}")
-    widths = [("model.dim", m.dim, "model.heads", m.heads)]
-    if finetune:
-        widths.append(("model.decoder_dim", m.decoder_dim, "model.decoder_heads", m.decoder_heads))
-    for dim_key, dim, heads_key, heads in widths:
-        if dim <= 0 or heads <= 0 or dim % heads:
-            raise ConfigError(f"{dim_key}={dim} is not divisible by {heads_key}={heads}")
-        if (dim // heads) % 8:
-            raise ConfigError(f"head dim {dim_key}/{heads_key}={dim // heads} must be a multiple of 8")
-    f = cfg.finetune
-    if finetune and not (0.0 <= f.label_dropout < 1.0 and 0.0 <= f.ema < 1.0):
-        raise ConfigError("finetune.label_dropout and finetune.ema must be in [0, 1)")
-    if finetune and (m.num_classes <= 0 or cfg.train.sample_every < 0 or f.sample_count <= 0 or f.sample_steps < 1):
-        raise ConfigError("model.num_classes, finetune.sample_count and finetune.sample_steps must be > 0, "
-                          "train.sample_every >= 0")
-    if cfg.stage == "consistency" and cfg.consistency.perceptual_weight > 0 and not cfg.init.encoder:
-        raise ConfigError("consistency.perceptual_weight > 0 needs init.encoder (the frozen feature network)")
-    if finetune and (cfg.denoise.levels < 2 or cfg.consistency.stage_steps <= 0 or cfg.consistency.huber_c <= 0):
-        raise ConfigError("denoise.levels must be >= 2, consistency.stage_steps and consistency.huber_c > 0")
     if m.dim % 2:
         raise ConfigError(f"model.dim={m.dim} must be even (sinusoidal time embedding)")
     if m.image_size % m.patch_size:

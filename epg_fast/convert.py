@@ -3,8 +3,10 @@
     python -m epg_fast.convert SRC DST [--to ours|reference] [--weights ema|model]
                                [--preset EPG-XL --image-size 256 --patch-size 16 --num-classes 1000]
 
-SRC is a plain state dict (the published `EPG-XL16-imagenet256.pth` and siblings) or one
-wrapped as {"model": sd} / {"ema": sd}. Two kinds of network are recognised:
+SRC is a plain state dict (the published `EPG-XL16-imagenet256.pth` and siblings), one
+wrapped as {"model": sd} / {"ema": sd}, or a checkpoint folder of ours (a run folder: its
+newest; "model" is the online network, "ema" the shadow: pre-training's target or
+fine-tuning's EMA weights). Two kinds of network are recognised:
 
 - an EPG model (has `decoder_blocks.*`): our `models.epg.EPG` uses the reference's names,
   so the mapping is the identity, checked name by name and shape by shape;
@@ -24,10 +26,12 @@ import math
 import pickle
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from epg_fast.checkpoint import CheckpointError, read_checkpoint
 from epg_fast.models.encoder import ENCODER_PRESETS, PretrainEncoder
 from epg_fast.models.epg import EPG, EPG_PRESETS, build_epg
 
@@ -55,7 +59,7 @@ def unwrap(obj: object, weights: str | None = None) -> tuple[dict[str, Tensor], 
 
 
 def detect(state: Mapping[str, Tensor], naming: str) -> str:
-    """'epg' or 'pretrain' for a state dict in `naming` ('reference' or 'ours')."""
+    """'epg' or 'encoder' (a pre-training encoder) for a state dict in `naming` ('reference' or 'ours')."""
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in state)
@@ -63,31 +67,31 @@ def detect(state: Mapping[str, Tensor], naming: str) -> str:
     if has(PREFIX):
         if naming == "reference":
             raise ConvertError("keys start with 'encoder.': already in our naming? use --to reference")
-        return "pretrain"
+        return "encoder"
     if has("decoder_blocks."):
         return "epg"
     if has("projection_head."):
         if naming == "ours":
             raise ConvertError("projection_head.* without encoder.*: a reference pre-training checkpoint? use --to ours")
-        return "pretrain"
+        return "encoder"
     raise ConvertError(
         "neither an EPG model (no decoder_blocks.* keys) nor a pre-training encoder (no projection_head.* keys)"
     )
 
 
 def _ours_name(kind: str, ref_name: str) -> str:
-    if kind == "pretrain" and not ref_name.startswith("projection_head."):
+    if kind == "encoder" and not ref_name.startswith("projection_head."):
         return PREFIX + ref_name
     return ref_name
 
 
 def _reference_name(kind: str, our_name: str) -> str:
-    return our_name.removeprefix(PREFIX) if kind == "pretrain" else our_name
+    return our_name.removeprefix(PREFIX) if kind == "encoder" else our_name
 
 
 def _infer(kind: str, state: Mapping[str, Tensor], source_name: Callable[[str], str]) -> torch.nn.Module:
     """Our model (on the meta device) with the architecture of `state` (our naming)."""
-    enc = PREFIX if kind == "pretrain" else ""
+    enc = PREFIX if kind == "encoder" else ""
 
     def shape(key: str) -> torch.Size:
         key = key if key.startswith("projection_head.") else enc + key
@@ -120,7 +124,7 @@ def _from_preset(kind: str, state: Mapping[str, Tensor], preset: str, image_size
                  num_classes: int) -> torch.nn.Module:
     known = EPG_PRESETS if kind == "epg" else ENCODER_PRESETS
     if preset not in known:
-        raise ConvertError(f"unknown preset '{preset}' for a {kind} checkpoint (known: {', '.join(known)})")
+        raise ConvertError(f"unknown preset '{preset}' for an {kind} checkpoint (known: {', '.join(known)})")
     with torch.device("meta"):
         if kind == "epg":
             return build_epg(preset, image_size, patch_size, num_classes)
@@ -143,7 +147,7 @@ def convert(
     num_classes: int = 1000,
 ) -> tuple[str, dict[str, Tensor]]:
     """Map a state dict to our naming (`to="ours"`, from the reference's) or back
-    (`to="reference"`). Returns (kind, converted) with kind 'epg' or 'pretrain'; the tensors
+    (`to="reference"`). Returns (kind, converted) with kind 'epg' or 'encoder'; the tensors
     are the input's own (no copy). Raises ConvertError on any unknown key, missing key or
     shape mismatch against our model (from `preset`, else inferred from `state`)."""
     if to not in ("ours", "reference"):
@@ -180,6 +184,19 @@ def convert(
     return kind, {_reference_name(kind, k): v for k, v in ours.items()}
 
 
+def _read_source(src: str) -> object:
+    if Path(src).is_dir():
+        try:
+            saved = read_checkpoint(src)
+        except CheckpointError as e:
+            raise ConvertError(str(e)) from None
+        return {"model": saved.weights, "ema": saved.shadow}
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ConvertError(f"cannot read {src}: {str(e).strip().splitlines()[0]}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epg_fast.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src")
@@ -193,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000, help="with --preset")
     args = parser.parse_args(argv)
     try:
-        try:
-            obj = torch.load(args.src, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise ConvertError(f"cannot read {args.src}: {str(e).strip().splitlines()[0]}") from e
+        obj = _read_source(args.src)
         state, wrapper = unwrap(obj, args.weights)
         kind, out = convert(state, args.to, args.preset, args.image_size, args.patch_size, args.num_classes)
     except ConvertError as e:

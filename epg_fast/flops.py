@@ -53,12 +53,13 @@ def epg_macs(image_size: int, patch_size: int, dim: int, depth: int, decoder_dim
     return vit_macs(image_size, patch_size, dim, depth, mlp_ratio, extra_tokens) + bridge + depth * per_block + head
 
 
-def finetune_step_macs(model_cfg, stage: str) -> int:
-    """Multiply-adds per image of one fine-tuning step, forward and backward: `denoise` is one
-    forward with gradients (x3); `consistency` adds the target's forward without gradients."""
+def finetune_step_macs(model_cfg, target_forward: bool) -> int:
+    """Multiply-adds per image of one fine-tuning step, forward and backward: one forward with
+    gradients (x3), plus a forward without gradients with `target_forward` (consistency's
+    stop-gradient target)."""
     m = model_cfg
     fwd = epg_macs(m.image_size, m.patch_size, m.dim, m.depth, m.decoder_dim, m.mlp_ratio, m.cls_tokens + 1)
-    return 3 * fwd + (fwd if stage == "consistency" else 0)
+    return 3 * fwd + (fwd if target_forward else 0)
 
 
 def dit_macs(input_size: int, patch_size: int, dim: int, depth: int, in_channels: int = 4, out_channels: int = 8,

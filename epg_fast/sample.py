@@ -56,17 +56,17 @@ from PIL import Image
 from torch import Tensor
 
 from epg_fast import schedule
-from epg_fast.checkpoint import Checkpoints
+from epg_fast.checkpoint import CheckpointError, read_checkpoint
 from epg_fast.config import Config
-from epg_fast.distributed import teardown_distributed
 from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize
+from epg_fast.distributed import setup_distributed, teardown_distributed
 from epg_fast.models.epg import EPG, EPG_PRESETS, denoise
 from epg_fast.ops import Ops
+from epg_fast.stages import REGISTRY, Sampling, stage_sampled_as
 
 SAMPLERS = ("euler", "heun", "edm", "onestep")
 DEFAULT_INTERVAL = (0.19, 1.61)  # reference scripts/sample_dm_in256.sh: cfg_sigma_low, cfg_sigma_high
 GRID_MAX = 64
-PREDICTION = {"denoise": "x0", "consistency": "edm"}  # fine-tuning stage -> parameterisation of D
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "decoder_dim", "decoder_heads",
               "num_classes", "mlp_ratio", "cls_tokens")
 
@@ -318,7 +318,7 @@ def write_npz(path: Path, chunks: Iterable[np.ndarray], labels: np.ndarray, imag
 @dataclass
 class GeneratorInfo:
     source: str  # the file the weights came from
-    stage: str  # "denoise" or "consistency"
+    stage: str  # a fine-tuning stage (one whose Stage.sampling is set)
     prediction: str  # "x0" or "edm" (see models.epg.denoise)
     normalization: str  # "imagenet" or "simple" (see data.normalize)
     image_size: int
@@ -345,44 +345,29 @@ def _build(model_args: Mapping[str, object], state: Mapping[str, Tensor], descri
     return model.to(device=device, dtype=torch.float32).eval()
 
 
-def _checkpoint_folder(path: Path) -> Path:
-    """A step folder as given, or the newest completed checkpoint of a run folder."""
-    if (path / "checkpoints").is_dir():
-        latest = Checkpoints(path, keep_last=1, rank=0).latest()
-        if latest is None:
-            raise SampleError(f"{path} has no completed checkpoint in {path / 'checkpoints'}")
-        return latest
-    if not (path / "COMPLETE").is_file():
-        raise SampleError(f"{path} is not a completed checkpoint folder (no COMPLETE marker)")
-    return path
-
-
 def _load_folder(path: Path, weights: str, device: torch.device | str) -> tuple[EPG, GeneratorInfo]:
-    folder = _checkpoint_folder(path)
-    files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
-    if not files:
-        raise SampleError(f"{folder} has no *mp_rank_00_model_states.pt")
-    # Our own trainer's file: it also pickles DeepSpeed's bookkeeping, hence weights_only=False.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    config = state.get("config")
-    if not isinstance(config, Mapping):
-        raise SampleError(f"{files[0]} has no 'config': not a checkpoint written by epg_fast.train")
-    stage = config.get("stage")
-    if stage not in PREDICTION:
-        raise SampleError(f"{folder} is a '{stage}' checkpoint: only fine-tuned (denoise, consistency) models sample")
+    try:
+        saved = read_checkpoint(path)
+    except CheckpointError as err:
+        raise SampleError(str(err)) from None
+    config, stage = saved.config, saved.stage
+    sampling = REGISTRY[stage].sampling if stage in REGISTRY else None
+    if sampling is None:
+        generators = ", ".join(name for name, s in REGISTRY.items() if s.sampling)
+        raise SampleError(f"{saved.folder} is a '{stage}' checkpoint: only fine-tuned ({generators}) models sample")
     missing = [k for k in MODEL_KEYS if config["model"].get(k) is None]
     if missing:
-        raise SampleError(f"{files[0]}: config.model lacks {', '.join(missing)}")
-    key = {"ema": "ema", "online": "module"}[weights]
-    if not isinstance(state.get(key), Mapping):
-        raise SampleError(f"{files[0]} holds no '{key}' weights")
+        raise SampleError(f"{saved.file}: config.model lacks {', '.join(missing)}")
+    state = {"ema": saved.shadow, "online": saved.weights}[weights]
+    if not isinstance(state, Mapping):
+        raise SampleError(f"{saved.file} holds no {weights} weights")
     model_args = {k: config["model"][k] for k in MODEL_KEYS}
-    model = _build(model_args, state[key], f"the model of {folder.name}'s config", device)
+    model = _build(model_args, state, f"the model of {saved.folder.name}'s config", device)
     normalization = config.get("data", {}).get("normalization")
     if normalization not in ("imagenet", "simple"):
-        raise SampleError(f"{files[0]}: config.data.normalization is {normalization!r}, not imagenet or simple")
-    info = GeneratorInfo(str(files[0]), stage, PREDICTION[stage], normalization,
-                         model.image_size, model.num_classes, weights, state.get("step"))
+        raise SampleError(f"{saved.file}: config.data.normalization is {normalization!r}, not imagenet or simple")
+    info = GeneratorInfo(str(saved.file), stage, sampling.prediction, normalization,
+                         model.image_size, model.num_classes, weights, saved.step)
     return model, info
 
 
@@ -406,8 +391,7 @@ def _load_state_dict_file(path: Path, device: torch.device | str, preset: str | 
                       decoder_dim=arch.decoder_dim, decoder_heads=arch.decoder_heads, num_classes=num_classes)
     described = f"{preset} at {image_size} px, patch {patch_size}, {num_classes} classes"
     model = _build(model_args, state, described, device)
-    stage = {v: k for k, v in PREDICTION.items()}[prediction]
-    info = GeneratorInfo(str(path), stage, prediction, normalization, image_size, num_classes, "state dict", None)
+    info = GeneratorInfo(str(path), stage_sampled_as(prediction).name, prediction, normalization, image_size, num_classes, "state dict", None)
     return model, info
 
 
@@ -443,14 +427,14 @@ def load_generator(
     return _load_state_dict_file(path, device, *file_options)
 
 
-def write_sample_grid(model: EPG, out: Path, cfg: Config, seed: int) -> int:
+def write_sample_grid(model: EPG, out: Path, cfg: Config, sampling: Sampling) -> int:
     """The trainer's periodic grid of `cfg.finetune.sample_count` images (labels 0, 1, 2, ...,
-    the same noise every time) written to `out`; returns the NFE per image."""
+    the same noise, from train.seed, every time) written to `out`; returns the NFE per image."""
     f = cfg.finetune
-    sampler = f.sample_sampler if f.sample_sampler != "auto" else ("heun" if cfg.stage == "denoise" else "onestep")
+    sampler = f.sample_sampler if f.sample_sampler != "auto" else sampling.grid_sampler
     labels = torch.arange(f.sample_count) % cfg.model.num_classes
     images, nfe = generate(model, labels, sampler=sampler, steps=f.sample_steps, guidance=f.sample_guidance,
-                           prediction=PREDICTION[cfg.stage], seed=seed, batch_size=f.sample_count)
+                           prediction=sampling.prediction, seed=cfg.train.seed, batch_size=f.sample_count)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(to_uint8(images, cfg.data.normalization).numpy(), out)
     return nfe
@@ -486,21 +470,6 @@ def shard(num: int, batch_size: int, rank: int, world: int) -> range:
     lo = rank * per_rank + min(rank, extra)
     hi = lo + per_rank + (rank < extra)
     return range(lo * batch_size, min(hi * batch_size, num))
-
-
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun or deepspeed (WORLD_SIZE > 1 in the
-    environment) this joins the process group: nccl on CUDA, gloo on the CPU."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--device cuda, but CUDA is not available")
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
-    return rank, world, dev
 
 
 def _floats(text: str, count: int, what: str) -> list[float]:
@@ -615,7 +584,9 @@ def _sample(args: argparse.Namespace, rank: int, world: int, device: torch.devic
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rank, world, device = setup_distributed(args.device)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SampleError("--device cuda, but CUDA is not available")
+        rank, world, device = setup_distributed(args.device, group_of_one=False)
         _sample(args, rank, world, device)
         return 0
     except SampleError as err:

@@ -4,7 +4,7 @@
 One loop for every stage; one step reads top to bottom: batch -> the stage's loss (views,
 levels and noise from (seed, step, rank)) -> DeepSpeed backward/step (optimiser, lr) ->
 shadow EMA (pre-training's target, fine-tuning's sampling weights) -> metrics -> samples ->
-checkpoint. What differs between stages lives in epg_fast/stages.py.
+checkpoint. What differs between stages lives in epg_fast/stages/.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import logging
 import math
 import platform
 import signal
-import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,13 +33,14 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast.checkpoint import Checkpoints
-from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
+from epg_fast.checkpoint import Checkpoints, is_complete
+from epg_fast.config import STAGES, Config, ConfigError, check_world
 from epg_fast.data import DataError, build_loader
-from epg_fast.distributed import teardown_distributed
+from epg_fast.distributed import setup_distributed, teardown_distributed
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.ops import Ops
-from epg_fast.stages import build_stage
+from epg_fast.sample import write_sample_grid
+from epg_fast.stages import Stage, build_stage, load_config, stage_named
 
 log = logging.getLogger("epg_fast")
 
@@ -56,36 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=20 data.root=/data")
     return p.parse_args(argv)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """One process group for every rank (also a world of one), on NCCL or gloo."""
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible")
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:  # ranks sharing the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def setup_logging(rank: int, run_dir: Path) -> None:
@@ -171,7 +141,7 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------------------------------
-# The training loop (every stage; epg_fast/stages.py holds what differs)
+# The training loop (every stage; epg_fast/stages/ holds what differs)
 
 
 def step_generator(gen: torch.Generator, seed: int, step: int, rank: int) -> torch.Generator:
@@ -180,14 +150,14 @@ def step_generator(gen: torch.Generator, seed: int, step: int, rank: int) -> tor
     return gen.manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**63)
 
 
-def sync_step_decisions(n: int, stop: bool, device: torch.device) -> tuple[int, bool]:
-    """Rank 0's level index n reaches every rank, and a stop request on any rank stops all,
-    in one all-reduce."""
-    rank0 = dist.get_rank() == 0
-    t = torch.tensor([n if rank0 else 0, int(stop)], device=device, dtype=torch.int64)
+def sync_step_decisions(draws: tuple[int, ...], stop: bool, device: torch.device) -> tuple[tuple[int, ...], bool]:
+    """Rank 0's draws (pre-training's level index) reach every rank, and a stop request on
+    any rank stops all, in one all-reduce."""
+    own = draws if dist.get_rank() == 0 else (0,) * len(draws)
+    t = torch.tensor([*own, int(stop)], device=device, dtype=torch.int64)
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
-    return int(t[0]), bool(t[1])
+    return tuple(int(v) for v in t[:-1]), bool(t[-1])
 
 
 @torch.no_grad()
@@ -234,20 +204,17 @@ def mean_over_ranks(values: dict, world: int) -> dict:
 
 class ShadowEMA:
     """The shadow network (pre-training's target f-, fine-tuning's EMA weights): EMA of the
-    online parameters after every optimiser step."""
+    online parameters after every optimiser step, and of the floating-point buffers (BatchNorm
+    statistics) when the stage says so; otherwise the shadow's buffers are the stage's."""
 
-    def __init__(self, online: torch.nn.Module, target: torch.nn.Module, rate: float, bn_mode: str, zero_stage: int,
-                 ops: Ops):
-        self.rate, self.bn_mode, self.zero_stage, self.ops = rate, bn_mode, zero_stage, ops
+    def __init__(self, online: torch.nn.Module, target: torch.nn.Module, rate: float, average_buffers: bool,
+                 zero_stage: int, ops: Ops):
+        self.rate, self.zero_stage, self.ops = rate, zero_stage, ops
         self.online_params = list(online.parameters())
         self.target_params = list(target.parameters())
-        # "ema" also averages the BatchNorm running statistics; "initial" (reference) keeps
-        # the target's at mean 0 / var 1 by never touching them while in eval mode.
         float_buffers = lambda m: [b for n, b in m.named_buffers() if b.is_floating_point()]
-        self.online_buffers = float_buffers(online) if bn_mode == "ema" else []
-        self.target_buffers = float_buffers(target) if bn_mode == "ema" else []
-        target.train(bn_mode == "batch")
-        target.requires_grad_(False)
+        self.online_buffers = float_buffers(online) if average_buffers else []
+        self.target_buffers = float_buffers(target) if average_buffers else []
 
     def update(self) -> None:
         if self.zero_stage == 3:
@@ -261,8 +228,8 @@ class ShadowEMA:
             self.ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
 
 
-def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage, loader, autocast_dtype,
-                  ops: Ops) -> None:
+def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage: Stage, loader,
+                  autocast_dtype, ops: Ops) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
         "resolved config:",
@@ -273,26 +240,30 @@ def startup_block(cfg: Config, world: int, device: torch.device, precision: str,
         f"precision    {precision}; attention {ops.attention_backend(device, autocast_dtype)}; "
         f"kernels {ops.kernels_for(device)}; ZeRO stage {cfg.train.zero_stage}",
         f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
-        f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}; loader: {cfg.data.loader}",
-        f"compute      {2 * stage.macs_per_image() / 1e9:.2f} GFLOP per image per step ({stage.compute()})",
+        f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}; "
+        f"loader: {cfg.data.loader} ({type(loader).__module__}.{type(loader).__name__})",
+        f"compute      {2 * stage.macs_per_image(cfg) / 1e9:.2f} GFLOP per image per step ({stage.compute()})",
     ]
     log.info("\n".join(lines))
 
 
 def train(cfg: Config) -> int:
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world, device = setup_distributed(cfg)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
+    rank, world, device = setup_distributed(cfg.train.device, group_of_one=True)  # DeepSpeed needs a group
     run_dir = Path(cfg.train.run_dir)
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
     ops = Ops.from_config(cfg.model.kernels, cfg.model.attention)  # the one Ops of this run's networks
     # The data first: a bad root fails in a second, before any model is built.
     loader = build_loader(
-        cfg.data, image_size=cfg.model.image_size, views=("x", "y1", "y2") if cfg.stage == "pretrain" else ("x",),
-        global_batch=cfg.train.global_batch,
+        cfg.data, image_size=cfg.model.image_size, views=stage_named(cfg.stage).views, global_batch=cfg.train.global_batch,
         rank=rank, world_size=world, seed=cfg.train.seed, device=device,
     )
     import deepspeed  # here, not at the top: setup_distributed chose its accelerator
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = build_stage(cfg, device, ops)
@@ -306,12 +277,12 @@ def train(cfg: Config) -> int:
         ),
         config=deepspeed_config(cfg, world, precision),
     )
-    ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.bn_mode, cfg.train.zero_stage, ops)
+    ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.average_buffers, cfg.train.zero_stage, ops)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
-    if resume is not None and not (resume / "COMPLETE").is_file():
+    if resume is not None and not is_complete(resume):
         raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
     if resume is not None:
         state = ckpts.load(engine, resume)
@@ -338,7 +309,7 @@ def train(cfg: Config) -> int:
     metrics = MetricsWriter(run_dir, rank == 0, cfg.log.tensorboard)
     telemetry = GPUTelemetry(device)
     peak = cfg.log.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    flops_per_step = 2 * stage.macs_per_image() * cfg.train.global_batch
+    flops_per_step = 2 * stage.macs_per_image(cfg) * cfg.train.global_batch
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     gen = torch.Generator(device=device)
     own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
@@ -352,10 +323,10 @@ def train(cfg: Config) -> int:
         batch = next(batches)
         window["wait"] += time.perf_counter() - t_wait
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        n, stop_now = sync_step_decisions(stage.draw(step, step_generator(gen, cfg.train.seed, step, 0)),
-                                          stop.requested, device)
+        draws, stop_now = sync_step_decisions(stage.draws(step, step_generator(gen, cfg.train.seed, step, 0)),
+                                              stop.requested, device)
         with autocast:
-            loss, parts = stage.loss(engine, batch, step, n, step_generator(gen, cfg.train.seed, step, rank + 1))
+            loss, parts = stage.loss(engine, batch, step, draws, step_generator(gen, cfg.train.seed, step, rank + 1))
         engine.backward(loss)
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == end
         gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
@@ -391,7 +362,10 @@ def train(cfg: Config) -> int:
                          step, end, row["loss"], details, row["lr"], imgs, 100 * row["data_wait_frac"])
             window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
 
-        stage.after_step(step, run_dir, rank)
+        if stage.sampling and rank == 0 and cfg.train.sample_every and step % cfg.train.sample_every == 0:
+            out = run_dir / "samples" / f"step_{step:08d}.png"
+            nfe = write_sample_grid(stage.shadow, out, cfg, stage.sampling)
+            log.info("EMA samples: %s (%d network evaluations per image)", out, nfe)
         if step % cfg.train.save_every == 0 or step == end or stop_now:
             ckpts.save(engine, step, client_state())
         if stop_now:

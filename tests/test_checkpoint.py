@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from epg_fast.checkpoint import Checkpoints
+from epg_fast.checkpoint import CheckpointError, Checkpoints, read_checkpoint
 
 
 class FakeEngine:
@@ -68,3 +68,19 @@ def test_rng_state_round_trip(tmp_path):
     torch.manual_seed(999)
     ckpts.load(FakeEngine(), path)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_read_checkpoint_of_a_step_or_run_folder(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=3, rank=0)
+    for step in (3, 6):
+        ckpts.save(FakeEngine(), step, {"step": step, "ema": {"w": torch.zeros(2)}, "config": {"stage": "denoise"}})
+    (tmp_path / "checkpoints" / "step_00000009").mkdir()  # no COMPLETE marker: skipped
+    saved = read_checkpoint(tmp_path)  # a run folder: its newest completed checkpoint
+    assert saved.folder.name == "step_00000006" and saved.step == 6 and saved.stage == "denoise"
+    assert torch.equal(saved.weights["w"], torch.full((3,), 6.0)) and torch.equal(saved.shadow["w"], torch.zeros(2))
+    assert read_checkpoint(tmp_path / "checkpoints" / "step_00000003").step == 3
+    for path, message in ((tmp_path / "checkpoints" / "step_00000009", "no COMPLETE marker"),
+                          (tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "no completed checkpoint")):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(path)

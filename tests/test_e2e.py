@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from epg_fast import schedule
+from epg_fast.sample import DEFAULT_INTERVAL, sampling_levels
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "epg_fast" / "train.py")
 ARCH = ["model.depth=2", "model.dim=32", "model.heads=2", "model.image_size=16", "model.patch_size=4",
@@ -22,6 +25,18 @@ def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def expected_nfe(sampler: str, steps: int, guidance: float, image_size: int) -> int:
+    """Network evaluations per image the levels imply: one per level visited (Heun: also at
+    each next level but 0), two where the default guidance interval applies."""
+    s = schedule.resolution_shift(image_size)
+    lo, hi = (bound * s for bound in DEFAULT_INTERVAL)
+    cost = lambda t: 2 if guidance != 1 and lo < t <= hi else 1  # noqa: E731
+    levels = sampling_levels(steps, image_size)
+    if sampler == "onestep":
+        return cost(levels[0])
+    return sum(cost(t) + (cost(t_next) if t_next > 0 else 0) for t, t_next in zip(levels, levels[1:]))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +77,7 @@ def test_finetune_then_sample(env, pretrained, tmp_path, stage, sampler, steps, 
     assert images.shape == (16, 16, 16, 3) and images.dtype == np.uint8 and labels.shape == (16,)
     assert images.std() > 0  # not a blank canvas
     assert (out / "grid.png").is_file()
-    assert "NFE" in proc.stdout or "network evaluations" in proc.stdout
+    assert f"NFE per image: {expected_nfe(sampler, steps, guidance, image_size=16)} ({sampler}" in proc.stdout, proc.stdout
 
 
 def test_init_encoder_must_be_a_pretraining_checkpoint(env, pretrained, tmp_path):
@@ -73,3 +88,20 @@ def test_init_encoder_must_be_a_pretraining_checkpoint(env, pretrained, tmp_path
     proc = subprocess.run([sys.executable, TRAIN, "--stage", "denoise", *FINETUNE, f"init.encoder={wrong}",
                            f"train.run_dir={tmp_path / 'again'}"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "is a 'denoise' checkpoint, not a pre-training one" in proc.stderr
+
+
+def test_convert_a_checkpoint_folder(env, pretrained, tmp_path):
+    """The converter reads our checkpoint folders through epg_fast.checkpoint: the shadow
+    (here the EMA target) by default, the online weights with --weights model."""
+    import torch
+
+    from epg_fast.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(pretrained)
+    for weights, expected in (("ema", saved.shadow), ("model", saved.weights)):
+        out = tmp_path / f"{weights}.pth"
+        run([sys.executable, "-m", "epg_fast.convert", str(pretrained), str(out), "--to", "reference",
+             "--weights", weights], env)
+        converted = torch.load(out)
+        assert converted.keys() == {k.removeprefix("encoder."): None for k in expected}.keys()
+        assert all(torch.equal(converted[k.removeprefix("encoder.")], v) for k, v in expected.items())

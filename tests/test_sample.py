@@ -6,7 +6,6 @@ NFE counts depend only on the levels, so they run on a stub network that records
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,9 @@ from PIL import Image
 
 from epg_fast import sample, schedule
 from epg_fast.data import normalize
+from epg_fast.distributed import free_port
 from epg_fast.models.epg import EPG, Preset
+from epg_fast.stages import REGISTRY
 from epg_fast.sample import (
     Churn,
     SampleError,
@@ -339,21 +340,15 @@ def test_refusals_are_one_line_with_exit_2(tmp_path, capsys, make, extra, messag
 
 
 def test_trainer_sample_grid(tmp_path):
-    """What FinetuneStage.after_step calls: the auto sampler follows the stage."""
+    """The trainer's grids: the auto sampler follows the stage."""
     finetune = SimpleNamespace(sample_count=6, sample_sampler="auto", sample_steps=4, sample_guidance=1.0)
     for stage, expected_nfe in (("denoise", 7), ("consistency", 1)):
-        cfg = SimpleNamespace(stage=stage, finetune=finetune, model=SimpleNamespace(num_classes=10),
-                              data=SimpleNamespace(normalization="simple"))
+        cfg = SimpleNamespace(finetune=finetune, model=SimpleNamespace(num_classes=10),
+                              data=SimpleNamespace(normalization="simple"), train=SimpleNamespace(seed=0))
         model = tiny_epg().train()
         out = tmp_path / stage / "step_00000100.png"
-        assert write_sample_grid(model, out, cfg, seed=0) == expected_nfe
+        assert write_sample_grid(model, out, cfg, REGISTRY[stage].sampling) == expected_nfe
         assert Image.open(out).size == (3 * 16, 2 * 16) and model.training  # mode restored
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_write_the_same_file_as_one(tmp_path, capsys):
@@ -362,7 +357,7 @@ def test_two_ranks_write_the_same_file_as_one(tmp_path, capsys):
     args = ["--num", 7, "--batch-size", 2, "--steps", 2, "--sampler", "edm", "--guidance", 2.0, "--interval", "0,inf",
             "--labels", "balanced", "--device", "cpu"]
     assert run_cli(capsys, folder, "--out", tmp_path / "one", *args)[0] == 0
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, "-m", "epg_fast.sample", str(folder), "--out", str(tmp_path / "two"), *map(str, args)]
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]

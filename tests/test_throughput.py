@@ -179,18 +179,18 @@ def _args():
 
 
 def test_run_one_records_oom_and_missing():
-    def out_of_memory(ops):
+    def out_of_memory(setup, dev, ops):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    w = tp.Workload("denoise", "t", 2, 0.9, out_of_memory, lambda *a: None, lambda *a: None, None, "")
+    w = tp.Workload("denoise", "t", 2, out_of_memory, lambda *a: None, None, "")
     rec = tp.run_one(w, "fast", _args(), torch.device("cpu"), None, None)
     assert rec["status"] == "OOM" and rec["workload"] == "denoise" and rec["setup"]["kernels"] == "triton"
 
-    def broken(ops):
+    def broken(setup, dev, ops):
         raise ValueError("bad\nsecond line")
 
-    rec = tp.run_one(tp.Workload("dit", "t", 2, 0.9, broken, None, None, None, ""), "reference", _args(),
+    rec = tp.run_one(tp.Workload("dit", "t", 2, broken, None, None, ""), "reference", _args(),
                      torch.device("cpu"), None, None)
     assert rec["status"] == "error: ValueError: bad"
-    missing = tp.Workload("dit", "t", 2, 0.9, None, None, None, None, "", missing="ImportError: no dit")
+    missing = tp.Workload("dit", "t", 2, None, None, None, "", missing="ImportError: no dit")
     assert tp.run_one(missing, "fast", _args(), torch.device("cpu"), None, None)["status"] == "missing (ImportError: no dit)"

@@ -4,6 +4,7 @@ stop, SIGTERM and SIGKILL), two DeepSpeed ranks, ZeRO stages, bf16, and clear ex
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from epg_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "epg_fast" / "train.py")
@@ -139,14 +142,33 @@ def test_finished_run_is_not_repeated(straight, env):
     assert "nothing to do" in proc.stderr
 
 
+# The trainer, with every rank saving its final online weights to dump_dir/rank<r>.pt where
+# the trainer compares the replicas itself.
+DUMPING_TRAINER = """
+import sys, torch, torch.distributed as dist
+import epg_fast.train as train
+
+def dump(module, world):
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    torch.save(state, f"{dump_dir}/rank{dist.get_rank()}.pt")
+
+train.check_replicas_identical = dump
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_two_deepspeed_ranks_end_identical(env, tmp_path):
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000)]
-    launcher[0] = str(Path(sys.executable).parent / "deepspeed")
-    proc = run(train_cmd(tmp_path, "train.total_steps=5", launcher=launcher), env, timeout=600)
+    script = tmp_path / "dumping_train.py"
+    script.write_text(f"dump_dir = {str(tmp_path)!r}\n" + DUMPING_TRAINER)
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd = train_cmd(tmp_path / "run", "train.total_steps=5", launcher=launcher)
+    cmd[cmd.index(TRAIN)] = str(script)
+    proc = run(cmd, env, timeout=600)
     assert "world size   2 (gloo)" in proc.stderr
-    assert "identical on all 2 ranks" in proc.stderr
-    assert "DIFFER" not in proc.stderr
-    assert (tmp_path / "checkpoints" / "step_00000005" / "rank_00001.pt").is_file()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert_bitwise_equal(ranks[0], ranks[1], "rank 0 vs rank 1")
+    assert_bitwise_equal(ranks[0], final_state(tmp_path / "run", 5)["module"], "rank 0 vs checkpoint")
+    assert (tmp_path / "run" / "checkpoints" / "step_00000005" / "rank_00001.pt").is_file()
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -161,11 +183,23 @@ def test_zero_stages_match_stage_0(env, tmp_path, stage):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_bf16_on_cpu(env, tmp_path):
-    run(train_cmd(tmp_path, "train.total_steps=3", "train.precision=bf16", "log.every=1"), env)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    assert "precision    bf16" in (tmp_path / "train.log").read_text()
+    """bf16 autocast: the forward runs in bf16 (losses near fp32's, not equal to them), the
+    weights and the optimiser stay fp32."""
+    common = ("train.total_steps=3", "log.every=1", "train.save_every=100")
+    run(train_cmd(tmp_path / "fp32", *common, "train.precision=fp32"), env)
+    run(train_cmd(tmp_path / "bf16", *common, "train.precision=bf16"), env)
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(bf16) == 3 and bf16[0] == pytest.approx(fp32[0], rel=0.02)
+    assert all(a != b for a, b in zip(fp32, bf16)), "bf16 losses equal fp32's bit for bit: autocast is not on"
+    assert "precision    bf16" in (tmp_path / "bf16" / "train.log").read_text()
+    state = final_state(tmp_path / "bf16", 3)
+    for name, weights in (("online", state["module"]), ("target", state["target"])):
+        assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point()), name
 
 
 def test_bad_config_fails_before_any_work(env, tmp_path):
@@ -176,7 +210,7 @@ def test_bad_config_fails_before_any_work(env, tmp_path):
 
 
 def test_deepspeed_config_mapping():
-    from epg_fast.config import load_config
+    from epg_fast.stages import load_config
     from epg_fast.train import deepspeed_config
 
     cfg = load_config(None, ["train.global_batch=64", "optim.grad_clip=1.5", "train.zero_stage=2"])
@@ -218,8 +252,15 @@ def test_fused_kernels_in_training(env, tmp_path):
 
 
 def test_dali_loader_in_training(env, tmp_path):
+    """The DALI loader feeds the trainer the torch loader's samples: the same losses, up to
+    the decoders' rounding, and the log names the DALI loader object that ran."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
-    run(train_cmd(tmp_path, "train.total_steps=3", "log.every=1", "data.loader=dali", "data.workers=1"), env)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
-    assert "loader: dali" in (tmp_path / "train.log").read_text()
+    common = ("train.total_steps=3", "log.every=1", "train.save_every=100")
+    run(train_cmd(tmp_path / "torch", *common), env)
+    run(train_cmd(tmp_path / "dali", *common, "data.loader=dali", "data.workers=1"), env)
+    assert losses(tmp_path / "dali") == pytest.approx(losses(tmp_path / "torch"), rel=1e-3)
+    def loader_object(run_dir: Path) -> str:  # the class the startup block names, module included
+        return re.search(r"steps/epoch of \d+; loader: \w+ \(([\w.]+)\)", (run_dir / "train.log").read_text())[1]
+
+    assert "dali" in loader_object(tmp_path / "dali").lower()
+    assert "dali" not in loader_object(tmp_path / "torch").lower()
