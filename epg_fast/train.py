@@ -343,6 +343,11 @@ def train(cfg: Config) -> int:
                dynamic_ncols=True, unit="step")
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
     batches = iter(loader)
+    knn = None
+    if cfg.eval.knn_every and rank == 0:  # the k-NN monitor of the live encoder (epg_fast.probe)
+        from epg_fast.probe import KNNMonitor
+
+        knn = KNNMonitor(cfg, device)
     log.info("training steps %d -> %d", step, end)
     while step < end:
         t_wait = time.perf_counter()
@@ -388,6 +393,10 @@ def train(cfg: Config) -> int:
                          step, end, row["loss"], details, row["lr"], imgs, 100 * row["data_wait_frac"])
             window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
 
+        if knn is not None and step % cfg.eval.knn_every == 0:
+            top1 = knn(engine.module.encoder)
+            metrics.write(step, {"knn_top1": top1})
+            log.info("step %d: k-NN top-1 %.2f%% on the held-out set", step, 100 * top1)
         stage.after_step(step, run_dir, rank)
         if step % cfg.train.save_every == 0 or step == end or stop_now:
             ckpts.save(engine, step, client_state())

@@ -6,6 +6,7 @@ from epg_fast.data.index import (
     DataRootNotFoundError,
     ImageIndex,
     scan_image_folder,
+    scan_labelled_folder,
 )
 from epg_fast.data.loader import ImageLoader, build_loader
 from epg_fast.data.views import make_views, normalize
@@ -13,6 +14,7 @@ from epg_fast.data.views import make_views, normalize
 __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "DataRootNotFoundError", "ImageIndex", "ImageLoader",
     "build_loader", "ensure_demo_data", "make_views", "normalize", "scan_image_folder",
+    "scan_labelled_folder",
 ]
 
 

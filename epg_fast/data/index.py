@@ -219,3 +219,15 @@ def scan_image_folder(
              " and header-checked" if validate else "", seconds, (len(index) + len(ignored)) / max(seconds, 1e-9))
     _save_cache(where, index, folders, validate)
     return index
+
+
+def scan_labelled_folder(root: str | os.PathLike, cache: str = "auto") -> ImageIndex:
+    """`scan_image_folder` for evaluation sets (probe, FID reference), where a class folder
+    without images is a mistake (a wrong or half-unpacked folder), not a kept label."""
+    index = scan_image_folder(root, cache=cache)
+    counts = np.bincount(index.labels, minlength=len(index.classes))
+    if (counts == 0).any():
+        empty = [c for c, n in zip(index.classes, counts) if n == 0]
+        raise DataError(f"class folder {os.path.join(index.root, empty[0])} holds no images "
+                        f"({len(empty)} of {len(index.classes)} classes are empty)")
+    return index
