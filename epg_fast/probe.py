@@ -187,7 +187,7 @@ def load_images(index: ImageIndex, keep: np.ndarray, size: int) -> Tensor:
     for j, i in enumerate(tqdm(keep, desc="images", unit="img", disable=None, leave=False)):
         try:
             with Image.open(index.path(int(i))) as img:
-                out[j] = torch.from_numpy(np.asarray(center_crop(img.convert("RGB"), size))).permute(2, 0, 1)
+                out[j] = torch.from_numpy(np.array(center_crop(img.convert("RGB"), size))).permute(2, 0, 1)
         except OSError as err:
             raise ProbeError(f"cannot decode {index.path(int(i))}: {err}") from None
     return out
