@@ -94,3 +94,41 @@ def test_refusals_are_one_line(tmp_path, capsys, make, extra, message):
     rc = main(args + [a.format(d=tmp_path) for a in extra])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def fake_checkpoint(folder, stage, key, state, model):
+    """A completed checkpoint folder as the trainer writes it (what the probe reads)."""
+    folder.mkdir(parents=True)
+    config = {"stage": stage, "model": model, "data": {"normalization": "simple"}}
+    torch.save({"config": config, key: state, "step": 7}, folder / "mp_rank_00_model_states.pt")
+    (folder / "COMPLETE").write_text('{"step": 7}')
+    return folder
+
+
+MODEL = dict(image_size=16, patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=4.0, cls_tokens=1,
+             decoder_dim=32, decoder_heads=2, num_classes=3)
+
+
+def test_features_of_pretraining_and_finetuned_checkpoints(tmp_path):
+    from epg_fast import schedule
+    from epg_fast.models.encoder import PretrainEncoder
+    from epg_fast.models.epg import EPG
+    from epg_fast.probe import FrozenEncoder, encoder_weights, read_checkpoint
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 16, 16)
+    t0 = torch.full((4,), schedule.resolution_shift(16) * schedule.SIGMA_MIN)
+    arch = {k: MODEL[k] for k in ("image_size", "patch_size", "dim", "depth", "heads")}
+    pre = PretrainEncoder(proj_hidden=16, proj_dim=8, **arch).eval()
+    ckpt = fake_checkpoint(tmp_path / "pre", "pretrain", "module", pre.state_dict(), MODEL)
+    got = FrozenEncoder(MODEL, encoder_weights(read_checkpoint(ckpt), "auto"))(x)
+    assert torch.allclose(got, pre.features(x, t0), atol=1e-6)
+    # A fine-tuned EPG: its encoder, with the "no class" label added to the cls token.
+    epg = EPG(16, 4, 32, 2, 2, 32, 2, num_classes=3).eval()
+    ckpt = fake_checkpoint(tmp_path / "ft", "denoise", "ema", epg.state_dict(), MODEL)
+    got = FrozenEncoder(MODEL, encoder_weights(read_checkpoint(ckpt), "auto"))(x)
+    null = epg.class_embed(torch.full((4,), 3))
+    expected = epg.norm(super(EPG, epg).forward(x, t0, cls_cond=null)[:, :1])[:, 0]
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(Exception, match="holds no 'target' weights"):
+        encoder_weights(read_checkpoint(ckpt), "target")
