@@ -47,19 +47,23 @@ TRAIN = REPO / "epg_fast" / "train.py"
 
 @dataclass
 class Plan:
-    """How much of everything a run does."""
+    """How much of everything a run does. The defaults are the full run, sized from
+    `--measure` on 2 cores (2026-11-30; CPU-seconds per image: pre-training 0.060, denoise and
+    consistency 0.052, Inception 0.33, Heun 32 levels with guidance 0.77) to about 88 minutes
+    on 2 dedicated cores, with the test-set Inception features already cached (the sanity
+    command in benchmarks/results/cifar10-sanity.md does that; else add ~28 minutes)."""
 
-    pretrain_steps: int = 2000
-    finetune_steps: int = 3000
-    consistency_steps: int = 3000
-    eval_points: list[int] = field(default_factory=lambda: [1000, 2000, 3000])  # fine-tuning steps
-    curve_images: int = 500  # generated images per intermediate point (KID is unbiased at this size)
+    pretrain_steps: int = 400  # 51,200 images, about one epoch
+    finetune_steps: int = 200  # per arm: 25,600 images
+    consistency_steps: int = 100
+    eval_points: list[int] = field(default_factory=lambda: [100, 200])  # fine-tuning steps
+    curve_images: int = 200  # generated images per intermediate point (KID is unbiased at this size)
     final_images: int = 2000  # generated images at the last point and for the consistency model
     reference_images: int = 10_000  # CIFAR-10 test images for the FID reference
     probe_train: int = 10_000  # probe: training images (k-NN memory, linear fit)
     probe_test: int = 2_000
     guidance: float = 2.0
-    heun_steps: int = 32
+    heun_steps: int = 16  # half the paper's 32 levels: sampling would otherwise cost ~50 of the 90 minutes
     overrides: list[str] = field(default_factory=list)  # model size etc., for every stage
 
 
@@ -280,12 +284,13 @@ def measure(work: Path) -> int:
         say(f"{name}: {c['images']} images, {c['cpu_s']:.0f} CPU-s ({c['img_per_cpu_s']:.2f} img per CPU-s), "
             f"{c['wall_s']:.0f} s wall (load {os.getloadavg()[0]:.1f})")
     p, batch = FULL, 128
-    generated = (len(p.eval_points) - 1) * p.curve_images * 2 + 3 * p.final_images
+    heun_images = 2 * ((len(p.eval_points) - 1) * p.curve_images + p.final_images)  # both denoise arms
+    generated = heun_images + p.final_images  # + the consistency model's (one step: its sampling is negligible)
     need = {  # CPU seconds
         "pretrain": p.pretrain_steps * batch / costs["pretrain"]["img_per_cpu_s"],
         "denoise (2 arms)": 2 * p.finetune_steps * batch / costs["denoise"]["img_per_cpu_s"],
         "consistency": p.consistency_steps * batch / costs["consistency"]["img_per_cpu_s"],
-        "sampling": generated / costs["heun_sampling"]["img_per_cpu_s"],
+        "sampling (Heun)": heun_images / costs["heun_sampling"]["img_per_cpu_s"],
         "inception (generated)": generated / costs["inception"]["img_per_cpu_s"],
         "inception (test set, once)": p.reference_images / costs["inception"]["img_per_cpu_s"],
     }
