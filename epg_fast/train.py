@@ -317,6 +317,11 @@ def train(cfg: Config) -> int:
                dynamic_ncols=True, unit="step")
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
     batches = iter(loader)
+    knn = None
+    if cfg.eval.knn_every and rank == 0:  # the k-NN monitor of the live encoder (epg_fast.probe)
+        from epg_fast.probe import KNNMonitor
+
+        knn = KNNMonitor(cfg, device)
     log.info("training steps %d -> %d", step, end)
     while step < end:
         t_wait = time.perf_counter()
@@ -362,6 +367,10 @@ def train(cfg: Config) -> int:
                          step, end, row["loss"], details, row["lr"], imgs, 100 * row["data_wait_frac"])
             window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
 
+        if knn is not None and step % cfg.eval.knn_every == 0:
+            top1 = knn(engine.module.encoder)
+            metrics.write(step, {"knn_top1": top1})
+            log.info("step %d: k-NN top-1 %.2f%% on the held-out set", step, 100 * top1)
         if stage.sampling and rank == 0 and cfg.train.sample_every and step % cfg.train.sample_every == 0:
             out = run_dir / "samples" / f"step_{step:08d}.png"
             nfe = write_sample_grid(stage.shadow, out, cfg, stage.sampling)

@@ -17,3 +17,8 @@ def demo_root(tmp_path_factory):
     from epg_fast.data import ensure_demo_data
 
     return ensure_demo_data(tmp_path_factory.mktemp("cache") / "demo")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ci: an end-to-end smoke run sized for CI (~2 minutes on 2 idle cores); "
+                                       "select with -m ci")

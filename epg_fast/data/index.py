@@ -7,11 +7,12 @@ blob plus offsets rather than a list of 1.28M Python strings: forked DataLoader 
 every object's refcount when reading a list, which copies the pages into each worker.
 
 Validation is a header check of every file in parallel threads (PIL identifies the format
-without decoding): non-images, empty and unreadable files are excluded and reported; a file
-whose header is fine but whose data is cut short is caught later, at decode, by the loader.
-The image sizes are not kept: the DALI loader parses each header again when it reads the
-file (for the format, which picks its decoder), and that size is the one of the bytes it
-decodes, even for a file rewritten since the scan. The result is cached, by default next to
+and reads the image size without decoding): non-images, empty and unreadable files are
+excluded and reported; a file whose header is fine but whose data is cut short is caught
+later, at decode, by the loader. The sizes are kept for the evaluation tools (FID refuses a
+set of mixed sizes, the pixel probe takes its resolution from them); the DALI loader parses
+each header again when it reads the file (its format picks the decoder, and that size is the
+one of the bytes it decodes, even for a file rewritten since the scan). The result is cached, by default next to
 the data (`root/.epg_index.npz`) or, when the data is read-only, under the epg_fast cache
 folder, and reused while the tree has not changed: adding, removing or renaming a file
 changes the modification time of its folder, which is what the cache is keyed on (a file
@@ -52,6 +53,7 @@ class ImageIndex:
     root: str
     classes: list[str]  # class folder names, sorted; the label is the position here
     labels: np.ndarray  # int64 [N]
+    sizes: np.ndarray  # int32 [N, 2]: (width, height) from the header; -1 when not validated
     _blob: bytes  # all relative paths, os.fsencode'd, concatenated
     _offsets: np.ndarray  # int64 [N + 1]: path i is _blob[_offsets[i]:_offsets[i + 1]]
 
@@ -82,11 +84,11 @@ def _walk_class(class_dir: str) -> tuple[list[str], list[str], list[str]]:
     return images, others, folders
 
 
-def _header(path: str) -> str | None:
-    """Why the file cannot be an image, judged from its header; None for an image."""
+def _header(path: str) -> tuple[int, int] | str:
+    """(width, height) from the image header, or why it cannot be an image."""
     try:
-        with Image.open(path):
-            return None
+        with Image.open(path) as img:
+            return img.size
     except Exception as e:  # PIL raises many types on bad headers (UnidentifiedImageError, OSError, ...)
         return f"{type(e).__name__}: {e}"
 
@@ -120,7 +122,7 @@ def _load_cached(path: str | None, root: str, classes: list[str], validate: bool
                 return None
             if _fingerprint([os.path.join(root, f) for f in folders]) != meta["fingerprint"]:
                 return None
-            return ImageIndex(root, classes, z["labels"], z["blob"].tobytes(), z["offsets"])
+            return ImageIndex(root, classes, z["labels"], z["sizes"], z["blob"].tobytes(), z["offsets"])
     except (OSError, ValueError, KeyError):  # unreadable, stale format, or a folder gone
         return None
 
@@ -136,7 +138,7 @@ def _save_cache(path: str | None, index: ImageIndex, folders: list[str], validat
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), labels=index.labels,
-                     blob=np.frombuffer(index._blob, np.uint8), offsets=index._offsets)
+                     sizes=index.sizes, blob=np.frombuffer(index._blob, np.uint8), offsets=index._offsets)
         os.replace(tmp, path)  # atomic: concurrent ranks each write a complete file
     except OSError as e:
         log.warning("could not cache the file index at %s (%s); the next start scans again", path, e)
@@ -196,25 +198,39 @@ def scan_image_folder(
     exts = " ".join(sorted(IMAGE_EXTENSIONS))
     if not rel_paths:
         raise DataError(f"no images ({exts}) in the {len(classes)} class folders under {root}")
+    sizes = np.full((len(rel_paths), 2), -1, dtype=np.int32)
     if validate and rel_paths:
         threads = workers or min(32, 4 * (os.cpu_count() or 1))  # header reads wait on I/O
         with ThreadPoolExecutor(threads) as pool:
             headers = list(pool.map(_header, (os.path.join(root, p) for p in rel_paths), chunksize=256))
-        bad = [(p, h) for p, h in zip(rel_paths, headers) if h is not None]
+        bad = [(p, h) for p, h in zip(rel_paths, headers) if isinstance(h, str)]
         if bad:
             log.warning("excluded %d files under %s that are not readable images (e.g. %s)", len(bad), root,
                         "; ".join(f"{p}: {why}" for p, why in bad[:3]))
-        keep = [i for i, h in enumerate(headers) if h is None]
+        keep = [i for i, h in enumerate(headers) if not isinstance(h, str)]
         rel_paths, labels = [rel_paths[i] for i in keep], [labels[i] for i in keep]
+        sizes = np.array([headers[i] for i in keep], dtype=np.int32).reshape(-1, 2)
     if not rel_paths:
         raise DataError(f"no readable images under {root}: all {len(bad)} image files failed the header check")
 
     encoded = [os.fsencode(p) for p in rel_paths]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in encoded], out=offsets[1:])
-    index = ImageIndex(root, classes, np.asarray(labels, dtype=np.int64), b"".join(encoded), offsets)
+    index = ImageIndex(root, classes, np.asarray(labels, dtype=np.int64), sizes, b"".join(encoded), offsets)
     seconds = time.perf_counter() - start
     log.info("file index: %d images in %d classes scanned%s in %.2f s (%.0f files/s)", len(index), len(classes),
              " and header-checked" if validate else "", seconds, (len(index) + len(ignored)) / max(seconds, 1e-9))
     _save_cache(where, index, folders, validate)
+    return index
+
+
+def scan_labelled_folder(root: str | os.PathLike, cache: str = "auto") -> ImageIndex:
+    """`scan_image_folder` for evaluation sets (probe, FID reference), where a class folder
+    without images is a mistake (a wrong or half-unpacked folder), not a kept label."""
+    index = scan_image_folder(root, cache=cache)
+    counts = np.bincount(index.labels, minlength=len(index.classes))
+    if (counts == 0).any():
+        empty = [c for c, n in zip(index.classes, counts) if n == 0]
+        raise DataError(f"class folder {os.path.join(index.root, empty[0])} holds no images "
+                        f"({len(empty)} of {len(index.classes)} classes are empty)")
     return index

@@ -79,6 +79,8 @@ class FinetuneStage:
         m.decoder_dim = m.decoder_dim if m.decoder_dim is not None else m.dim
         m.decoder_heads = m.decoder_heads if m.decoder_heads is not None else m.heads
         check_architecture(m, ARCHITECTURE)
+        if cfg.eval.knn_every:
+            raise ConfigError("eval.knn_every monitors the pre-training encoder: set it in --stage pretrain")
         if not (0.0 <= f.label_dropout < 1.0 and 0.0 <= f.ema < 1.0):
             raise ConfigError("finetune.label_dropout and finetune.ema must be in [0, 1)")
         if m.num_classes <= 0 or cfg.train.sample_every < 0 or f.sample_count <= 0 or f.sample_steps < 1:
