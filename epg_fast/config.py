@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,21 @@ STAGES = ("pretrain", "denoise", "consistency")
 
 class ConfigError(ValueError):
     """A bad config: the message is one line that names the key and what is wrong."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML without base-60 integers: `log.profile=10:5` stays "10:5" (YAML 1.1 reads 605)."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 
 
 def _choices(*values: str) -> dict:
@@ -155,6 +171,10 @@ class LogConfig:
     progress: bool = True
     tensorboard: bool = True
     peak_tflops: float | None = None  # MFU denominator; None = looked up from the GPU name
+    breakdown: bool = True  # time/<phase> shares of the step time in every metrics record
+    profile: str | None = None  # "STEP:N": torch.profiler trace of N steps from STEP into <run_dir>/profile/
+    profile_stack: bool = False  # Python stacks in that trace (larger, slower)
+    memory_snapshot: int | None = None  # STEP: CUDA allocator history of that step (profile/memory_step_STEP.pickle)
 
 
 @dataclass
@@ -265,7 +285,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' sets a key inside a value")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = yaml.load(raw, Loader=_YAMLLoader) if raw.strip() else None
     return tree
 
 
@@ -281,7 +301,7 @@ def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
     if path.resolve() in seen:
         raise ConfigError(f"config base cycle: {' -> '.join(map(str, seen + [path]))}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_YAMLLoader) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -309,6 +329,7 @@ def resolve(cfg: Config) -> None:
     """Fill derived values (encoder preset, run dir) and check ranges; raises ConfigError."""
     from epg_fast.models.encoder import ENCODER_PRESETS  # local: the models import this module
     from epg_fast.models.epg import EPG_PRESETS
+    from epg_fast.profiling import parse_profile_spec
 
     _check_choices(cfg, "")
     m = cfg.model
@@ -391,6 +412,12 @@ def resolve(cfg: Config) -> None:
         )
     if cfg.data.workers < 0 or cfg.data.prefetch < 1:
         raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
+    try:
+        parse_profile_spec(cfg.log.profile)
+    except ValueError as err:
+        raise ConfigError(f"log.profile={err}") from None
+    if cfg.log.memory_snapshot is not None and cfg.log.memory_snapshot < 0:
+        raise ConfigError(f"log.memory_snapshot must be a step >= 0, got {cfg.log.memory_snapshot}")
     if cfg.train.run_dir is None:
         cfg.train.run_dir = f"runs/{cfg.stage}-{cfg.name}"
 
