@@ -249,7 +249,9 @@ def summarise(averages: Iterable[Any], wall_s: float, on_device: bool) -> dict[s
 
     rows = []
     for evt in averages:
-        if on_device and evt.device_type != DeviceType.CUDA:
+        # On CUDA: kernels, memcpy and memset; not the GPU-side spans of record_function
+        # ranges (ProfilerStep#k), which would count their kernels twice.
+        if on_device and (evt.device_type != DeviceType.CUDA or evt.is_user_annotation):
             continue
         us = evt.self_device_time_total if on_device else evt.self_cpu_time_total
         if us > 0:

@@ -3,15 +3,18 @@ need no host synchronisation off logging steps, a requested trace loads and name
 matmuls and LayerNorms, and the CUDA-only memory tools say so on CPU."""
 
 import gzip
+import importlib.util
 import json
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from epg_fast import profiling
 from epg_fast.config import ConfigError, load_config
 from epg_fast.profiling import (
     HOST_PHASES, PHASES, HostClock, MemorySnapshot, Profiling, StepTimer, categorise, format_breakdown,
@@ -22,37 +25,56 @@ CPU = torch.device("cpu")
 STEP_PHASES = {"data_wait": 0.001, "h2d": 0.0, "forward": 0.02, "backward": 0.01, "optimizer": 0.002, "ema": 0.001}
 
 
-def run_loop(timer: StepTimer, steps: int, checkpoint_at: int | None = None, work=None) -> list[dict]:
-    """A toy training loop with sleeps for phases; returns the logged shares."""
+def run_loop(timer: StepTimer, steps: int, checkpoint_at: int | None = None, sleep=time.sleep) -> list[dict]:
+    """A toy training loop with sleeps for phases and 5 ms between them; returns the shares."""
     records = []
     for step in range(steps):
         timer.begin_step(step)
         for name, seconds in STEP_PHASES.items():
             with timer.phase(name):
-                time.sleep(seconds)
-                if work is not None and name == "forward":
-                    work()
+                sleep(seconds)
+        sleep(0.005)  # outside every phase: time/other
         if timer.is_log_step(step):
             with timer.phase("metrics"):
                 records.append(timer.shares())
         if step == checkpoint_at:
             with timer.phase("checkpoint"):
-                time.sleep(0.03)
+                sleep(0.03)
     return records
 
 
-def test_shares_sum_to_one_and_follow_the_sleeps():
-    # Two timed steps per window of 5: the checkpoint at step 6 is outside them (host-timed).
+def check_record(row: dict) -> None:
+    assert set(row) == {f"time/{p}" for p in PHASES} | {"time/other"}
+    assert all(v >= 0 for v in row.values())
+    assert sum(row.values()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_shares_sum_to_one_with_real_sleeps():
     timer = StepTimer(CPU, every=5, end=10, timed_steps=2)
     records = run_loop(timer, 10, checkpoint_at=6)
     assert len(records) == 2
     for row in records:
-        assert set(row) == {f"time/{p}" for p in PHASES} | {"time/other"}
-        assert all(v >= 0 for v in row.values())
-        assert sum(row.values()) == pytest.approx(1.0, abs=1e-9)
-        assert row["time/forward"] > row["time/backward"] > row["time/data_wait"]
+        check_record(row)
     assert records[0]["time/checkpoint"] == 0 and records[1]["time/checkpoint"] > 0
-    assert "forward" in format_breakdown(records[1]).split()[0]
+
+
+def test_shares_are_exact_on_a_fake_clock(monkeypatch):
+    # Time advances only by the toy loop's sleeps: every share is known exactly.
+    now = [0.0]
+    monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    sleep = lambda seconds: now.__setitem__(0, now[0] + seconds)
+    # Two timed steps per window of 5: the checkpoint at step 6 is outside them (host-timed).
+    timer = StepTimer(CPU, every=5, end=10, timed_steps=2)
+    first, second = run_loop(timer, 10, checkpoint_at=6, sleep=sleep)
+    step_s = sum(STEP_PHASES.values()) + 0.005
+    for row, checkpoint in ((first, 0.0), (second, 0.03)):
+        check_record(row)
+        rest = 5 * step_s / (5 * step_s + checkpoint)
+        assert row["time/checkpoint"] == pytest.approx(1 - rest)
+        assert row["time/other"] == pytest.approx(rest * 0.005 / step_s)
+        for name, seconds in STEP_PHASES.items():
+            assert row[f"time/{name}"] == pytest.approx(rest * seconds / step_s)
+    assert format_breakdown(second).startswith("forward 44% backward 22%")
 
 
 def test_disabled_timer_records_nothing():
@@ -249,3 +271,24 @@ def test_memory_report_and_snapshot_on_cuda(tmp_path):
     assert report["optimizer state"] == pytest.approx(2 * param_gib)  # exp_avg, exp_avg_sq
     assert report["master weights"] == 0
     assert (tmp_path / "profile" / "memory_step_0.pickle").stat().st_size > 0
+
+
+def test_overhead_benchmark_compares_medians_without_the_first_record(monkeypatch):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_overhead.py"
+    spec = importlib.util.spec_from_file_location("profile_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def fake_run(stage, steps, every, breakdown, run_dir, overrides):
+        first = {"img_per_s": 1.0}  # start-up record: left out
+        if breakdown:
+            return [first, {"img_per_s": 90.0, "time/forward": 0.6, "time/other": 0.4},
+                    {"img_per_s": 90.0, "time/forward": 0.4, "time/other": 0.6}]
+        return [first, {"img_per_s": 100.0}, {"img_per_s": 100.0}]
+
+    monkeypatch.setattr(bench, "run_trainer", fake_run)
+    result = bench.measure("pretrain", 30, 10, 2, [])
+    assert result["median_on"] == 90.0 and result["median_off"] == 100.0
+    assert result["overhead"] == pytest.approx(0.1)
+    assert result["mean_shares"] == pytest.approx({"time/forward": 0.5, "time/other": 0.5})
+    assert "+10.00%" in bench.markdown(result)
