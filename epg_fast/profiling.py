@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -221,7 +221,8 @@ def parse_profile_spec(spec: str | None) -> tuple[int, int] | None:
 
 
 # First match wins. Names as torch.profiler reports them: aten ops on CPU, kernel names on
-# CUDA. Our Triton kernels are `_<op>_kernel` functions (kernels/*.py).
+# CUDA, `phase:<name>` for the loop's phases. Our Triton kernels are `_<op>_kernel`
+# functions (kernels/*.py).
 CATEGORIES = (
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast|c10d|gloo"),
     ("triton (ours)", r"^_\w+_kernel$|^_\w+Fn(Backward)?$"),
@@ -231,6 +232,8 @@ CATEGORIES = (
     ("layernorm", r"layer_norm|layernorm"),
     ("optimizer", r"optimizer|adam|_foreach_|multi_tensor"),
     ("memory copy", r"memcpy|memset|aten::copy_|aten::_to_copy"),
+    ("ema", r"^phase:ema$"),
+    ("data", r"^phase:(data_wait|h2d)$"),
 )
 _CATEGORY_RES = [(name, re.compile(rx, re.IGNORECASE)) for name, rx in CATEGORIES]
 
@@ -242,21 +245,32 @@ def categorise(name: str) -> str:
     return "other"
 
 
-def summarise(averages: Iterable[Any], wall_s: float, on_device: bool) -> dict[str, Any]:
+def summarise(events: Iterable[Any], wall_s: float, on_device: bool) -> dict[str, Any]:
     """Operators (CPU) or kernels (CUDA) by self time, with categories and shares of the
-    profiled wall time. `averages`: `prof.key_averages()`."""
+    profiled wall time. `events`: `prof.events()`. A CPU operator whose own name says
+    nothing (aten::mul_, aten::add) takes the category of its nearest caller that does
+    (Optimizer.step#AdamW.step, aten::linear, phase:ema)."""
     from torch.autograd import DeviceType
 
-    rows = []
-    for evt in averages:
+    totals: dict[tuple[str, str], list[float]] = {}
+    for evt in events:
         # On CUDA: kernels, memcpy and memset; not the GPU-side spans of record_function
         # ranges (ProfilerStep#k), which would count their kernels twice.
         if on_device and (evt.device_type != DeviceType.CUDA or evt.is_user_annotation):
             continue
+        if not on_device and evt.device_type != DeviceType.CPU:
+            continue
         us = evt.self_device_time_total if on_device else evt.self_cpu_time_total
-        if us > 0:
-            rows.append({"name": evt.key, "category": categorise(evt.key), "calls": evt.count,
-                         "self_ms": us / 1e3, "share": us / 1e6 / wall_s})
+        if us <= 0:
+            continue
+        category, caller = categorise(evt.name), evt.cpu_parent
+        while category == "other" and caller is not None:
+            category, caller = categorise(caller.name), caller.cpu_parent
+        total = totals.setdefault((evt.name, category), [0.0, 0])
+        total[0] += us
+        total[1] += 1
+    rows = [{"name": name, "category": category, "calls": calls, "self_ms": us / 1e3, "share": us / 1e6 / wall_s}
+            for (name, category), (us, calls) in totals.items()]
     rows.sort(key=lambda r: -r["self_ms"])
     categories: dict[str, float] = {}
     for r in rows:
@@ -330,7 +344,7 @@ class TraceRecorder:
         self.prof.export_chrome_trace(str(trace))
         summary = None
         if self.rank == 0:
-            summary = summarise(self.prof.key_averages(), wall, on_device=self.device.type == "cuda")
+            summary = summarise(self.prof.events(), wall, on_device=self.device.type == "cuda")
             table = summary_markdown(summary)
             (self.dir / "summary.md").write_text(table)
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -426,9 +440,17 @@ class Profiling:
         self.device, self.rank = device, rank
         self.memory_parts = (model, shadow, optimizer, grad_partitions)
         self.first_step = True
-        self.phase = self.timer.phase
         self.is_log_step = self.timer.is_log_step
         self.shares = self.timer.shares
+
+    def phase(self, name: str):
+        """The timer's phase; while a trace records, also a `phase:<name>` range in it."""
+        return self.timer.phase(name) if self.trace.prof is None else self._traced_phase(name)
+
+    @contextmanager
+    def _traced_phase(self, name: str):
+        with self.timer.phase(name), torch.profiler.record_function(f"phase:{name}"):
+            yield
 
     def begin_step(self, step: int) -> None:
         self.timer.begin_step(step)

@@ -224,6 +224,9 @@ def test_trace_of_requested_steps_loads_and_names_matmuls_and_layernorm(tmp_path
     assert rows["aten::addmm"]["category"] == "gemm" and rows["aten::addmm"]["calls"] == 2 * 2  # 2 Linears x 2 steps
     assert any("layer_norm" in name for name in rows)
     assert {"gemm", "layernorm", "optimizer"} <= set(summary["categories"])
+    # AdamW's per-tensor ops on CPU are named like any arithmetic; their caller says optimiser.
+    assert rows["aten::addcdiv_"]["category"] == "optimizer"
+    assert categorise("phase:ema") == "ema" and categorise("phase:h2d") == "data"
     assert "aten::addmm" in (profile_dir / "summary.md").read_text()
 
 
