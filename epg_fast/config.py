@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,21 @@ STAGES = ("pretrain", "denoise", "consistency")
 
 class ConfigError(ValueError):
     """A bad config: the message is one line that names the key and what is wrong."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML without base-60 integers: `log.profile=10:5` stays "10:5" (YAML 1.1 reads 605)."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 
 
 def _choices(*values: str) -> dict:
@@ -157,6 +173,10 @@ class LogConfig:
     progress: bool = True
     tensorboard: bool = True
     peak_tflops: float | None = None  # MFU denominator; None = looked up from the GPU name
+    breakdown: bool = True  # time/<phase> shares of the step time in every metrics record
+    profile: str | None = None  # "STEP:N": torch.profiler trace of N steps from STEP into <run_dir>/profile/
+    profile_stack: bool = False  # Python stacks in that trace (larger, slower)
+    memory_snapshot: int | None = None  # STEP: CUDA allocator history of that step (profile/memory_step_STEP.pickle)
 
 
 @dataclass
@@ -278,7 +298,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' sets a key inside a value")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = yaml.load(raw, Loader=_YAMLLoader) if raw.strip() else None
     return tree
 
 
@@ -294,7 +314,7 @@ def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
     if path.resolve() in seen:
         raise ConfigError(f"config base cycle: {' -> '.join(map(str, seen + [path]))}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_YAMLLoader) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -318,6 +338,16 @@ def read_config(path: str | Path | None, overrides: Sequence[str] = (), stage: s
         raise ConfigError(f"--stage {stage} was given a '{cfg.stage}' config ({path})")
     _check_choices(cfg, "")
     return cfg
+
+
+def parse_profile_spec(spec: str | None) -> tuple[int, int] | None:
+    """'STEP:N' -> (STEP, N): record N >= 1 steps from step STEP (0-based). None -> None."""
+    if spec is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
+    if match is None or int(match[2]) < 1:
+        raise ValueError(f"{spec!r} is not STEP:N (N >= 1 steps from step STEP, e.g. 10:5)")
+    return int(match[1]), int(match[2])
 
 
 def check_config(cfg: Config) -> None:
@@ -361,6 +391,12 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.data.workers < 0 or cfg.data.prefetch < 1:
         raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
+    try:
+        parse_profile_spec(cfg.log.profile)
+    except ValueError as err:
+        raise ConfigError(f"log.profile={err}") from None
+    if cfg.log.memory_snapshot is not None and cfg.log.memory_snapshot < 0:
+        raise ConfigError(f"log.memory_snapshot must be a step >= 0, got {cfg.log.memory_snapshot}")
     e = cfg.eval
     for section, key in ((cfg.data, "root"), (cfg.init, "encoder"), (e, "knn_train"), (e, "knn_test")):
         if getattr(section, key):  # a preset may name ~/... or $EPG_CACHE_DIR/... paths
