@@ -39,6 +39,7 @@ from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.ops import Ops
+from epg_fast.profiling import Profiling, format_breakdown
 from epg_fast.sample import write_sample_grid
 from epg_fast.stages import Stage, build_stage, load_config, stage_named
 
@@ -322,65 +323,83 @@ def train(cfg: Config) -> int:
         from epg_fast.probe import KNNMonitor
 
         knn = KNNMonitor(cfg, device)
+    # Step-time breakdown, traces and memory (epg_fast/profiling.py): phases are timed on a few
+    # steps of each logging window and read at the logging step, so other steps do not sync.
+    prof = Profiling(cfg.log, run_dir, device, rank, end, engine.module, stage.shadow, optimizer,
+                     grad_partitions=world if cfg.train.zero_stage >= 2 else 1)
     log.info("training steps %d -> %d", step, end)
     while step < end:
+        prof.begin_step(step)
         t_wait = time.perf_counter()
-        batch = next(batches)
+        with prof.phase("data_wait"):
+            batch = next(batches)
         window["wait"] += time.perf_counter() - t_wait
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        draws, stop_now = sync_step_decisions(stage.draws(step, step_generator(gen, cfg.train.seed, step, 0)),
-                                              stop.requested, device)
-        with autocast:
+        with prof.phase("h2d"):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with prof.phase("comm"):
+            draws, stop_now = sync_step_decisions(stage.draws(step, step_generator(gen, cfg.train.seed, step, 0)),
+                                                  stop.requested, device)
+        with prof.phase("forward"), autocast:
             loss, parts = stage.loss(engine, batch, step, draws, step_generator(gen, cfg.train.seed, step, rank + 1))
-        engine.backward(loss)
-        log_now = (step + 1) % cfg.log.every == 0 or step + 1 == end
+        with prof.phase("backward"):
+            engine.backward(loss)
+        log_now = prof.is_log_step(step)
         gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
-        engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
-        ema.update()
+        with prof.phase("optimizer"):
+            engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
+        with prof.phase("ema"):
+            ema.update()
         step += 1
         window["steps"] += 1
         bar.update(1)
 
         if log_now:
-            row = mean_over_ranks({"loss": loss.detach(), **parts}, world)
-            elapsed = time.perf_counter() - window["t"]
-            imgs = window["steps"] * cfg.train.global_batch / elapsed
-            row.update({
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": gnorm if own_grad_norm else engine.get_global_grad_norm(),
-                "param_norm": param_norm(engine.module, cfg.train.zero_stage),
-                "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
-                "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
-                "epoch": loader.state_dict()["epoch"],
-            })
-            if device.type == "cuda":
-                tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
-                row.update({"tflops_per_gpu": tflops, "gpu/max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
-                if peak:
-                    row["mfu"] = tflops / peak
-                row.update(telemetry.sample())
-            metrics.write(step, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{imgs:.1f}")
-            if bar.disable:
-                details = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in parts and k != "loss")
-                log.info("step %d/%d loss %.4f (%s) lr %.2e %.1f img/s data wait %.0f%%",
-                         step, end, row["loss"], details, row["lr"], imgs, 100 * row["data_wait_frac"])
-            window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
+            with prof.phase("metrics"):
+                row = mean_over_ranks({"loss": loss.detach(), **parts}, world)
+                elapsed = time.perf_counter() - window["t"]
+                imgs = window["steps"] * cfg.train.global_batch / elapsed
+                row.update({
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": gnorm if own_grad_norm else engine.get_global_grad_norm(),
+                    "param_norm": param_norm(engine.module, cfg.train.zero_stage),
+                    "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
+                    "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
+                    "epoch": loader.state_dict()["epoch"],
+                })
+                if device.type == "cuda":
+                    tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
+                    row.update({"tflops_per_gpu": tflops, "gpu/max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
+                    if peak:
+                        row["mfu"] = tflops / peak
+                    row.update(telemetry.sample())
+                row.update(prof.shares())
+                metrics.write(step, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{imgs:.1f}")
+                if bar.disable:
+                    details = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in parts and k != "loss")
+                    log.info("step %d/%d loss %.4f (%s) lr %.2e %.1f img/s data wait %.0f%% %s",
+                             step, end, row["loss"], details, row["lr"], imgs, 100 * row["data_wait_frac"],
+                             format_breakdown(row))
+                window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
 
         if knn is not None and step % cfg.eval.knn_every == 0:
             top1 = knn(engine.module.encoder)
             metrics.write(step, {"knn_top1": top1})
             log.info("step %d: k-NN top-1 %.2f%% on the held-out set", step, 100 * top1)
         if stage.sampling and rank == 0 and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            out = run_dir / "samples" / f"step_{step:08d}.png"
-            nfe = write_sample_grid(stage.shadow, out, cfg, stage.sampling)
+            with prof.phase("sampling"):
+                out = run_dir / "samples" / f"step_{step:08d}.png"
+                nfe = write_sample_grid(stage.shadow, out, cfg, stage.sampling)
             log.info("EMA samples: %s (%d network evaluations per image)", out, nfe)
         if step % cfg.train.save_every == 0 or step == end or stop_now:
-            ckpts.save(engine, step, client_state())
+            with prof.phase("checkpoint"):
+                ckpts.save(engine, step, client_state())
+        prof.end_step(step - 1)
         if stop_now:
             log.warning("stopped at step %d on request; resume with train.resume=auto", step)
             break
     bar.close()
+    prof.close()
     metrics.close()
     if cfg.train.zero_stage < 3:  # under ZeRO-3 every rank holds a different shard
         check_replicas_identical(engine.module, world)
