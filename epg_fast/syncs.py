@@ -17,6 +17,9 @@ CUDA when it runs there with device=cuda. Host-side decisions should therefore b
 numbers (or tensors made without a device argument that are never read as scalars inside the
 region). Device copies cannot be seen on CPU (source and destination are the same device).
 
+Tensors that live on the host in a GPU run too (an optimiser's step counters: torch's AdamW
+keeps them on the CPU unless fused or capturable) are exempted with `treat_as_host(tensors)`.
+
 Each event keeps its stack; `where` is the innermost frame in this project's code.
 """
 
@@ -46,7 +49,7 @@ class SyncEvent:
     @property
     def where(self) -> str:
         """The innermost frame in this project (else the innermost outside torch)."""
-        frames = [f for f in self.stack if f.filename != _THIS]
+        frames = self.stack
         ours = [f for f in frames if f.filename.startswith(_PROJECT) and "/.venv/" not in f.filename]
         outside_torch = [f for f in frames if "/torch/" not in f.filename]
         f = (ours or outside_torch or frames)[-1]
@@ -75,7 +78,7 @@ class _DeviceOps(TorchDispatchMode):
         kwargs = kwargs or {}
         c = self.counter
         if func is aten._local_scalar_dense.default:
-            if c.counts_device(args[0].device):
+            if c.counts_device(args[0].device) and not c.is_host(args[0]):
                 c.record("scalar_read", "item")
         elif func is aten._to_copy.default and kwargs.get("device") is not None:
             src, dst = args[0].device, torch.device(kwargs["device"])
@@ -96,14 +99,24 @@ class SyncCounter:
         self.cpu_as_device = cpu_as_device
         self.events: list[SyncEvent] = []
         self.active = True
+        self._host: set[int] = set()  # storages of host-side tensors (treat_as_host)
         self._modes = (_Uploads(self), _DeviceOps(self))
 
     def counts_device(self, device: torch.device) -> bool:
         return device.type != "cpu" or self.cpu_as_device
 
+    def treat_as_host(self, tensors) -> None:
+        """Scalar reads of these tensors (their storage) are host reads, also on a GPU run."""
+        self._host.update(t.untyped_storage().data_ptr() for t in tensors)
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self._host
+
     def record(self, kind: str, op: str) -> None:
         if self.active:
-            self.events.append(SyncEvent(kind, op, traceback.extract_stack()[:-2]))
+            stack = traceback.extract_stack()
+            first_here = next(i for i, f in enumerate(stack) if f.filename == _THIS)  # the modes' frames on
+            self.events.append(SyncEvent(kind, op, stack[:first_here]))
 
     def __enter__(self) -> SyncCounter:
         for mode in self._modes:

@@ -45,6 +45,13 @@ def test_paused_and_gpu_semantics():
             x.sum().item()
         x.sum().item()
     assert syncs.counts() == {"scalar_read": 1}
+    host_step = torch.zeros(())  # e.g. an optimiser's step counter, on the CPU in a GPU run too
+    with SyncCounter() as exempt:
+        exempt.treat_as_host([host_step])
+        host_step.add_(1)
+        host_step.item()
+        x.sum().item()
+    assert exempt.counts() == {"scalar_read": 1}
     with SyncCounter(cpu_as_device=False) as real:  # on a GPU host tensors cannot sync
         x.sum().item()
         torch.tensor([1.0], device="cpu")
