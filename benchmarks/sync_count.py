@@ -7,6 +7,7 @@ source line each comes from. On CPU every scalar read and every upload with an e
 device counts (what the same code does with device=cuda); see epg_fast/syncs.py.
 
     python benchmarks/sync_count.py [--stages pretrain denoise consistency] [--steps 3] [--stacks]
+                                    [--set train.zero_stage=1 optim.grad_clip=1.0 ...]
 
 The loop body below mirrors train.py's; when the trainer's step becomes one callable, time
 that instead.
@@ -33,10 +34,10 @@ TINY = ["model.depth=2", "model.dim=32", "model.heads=2", "model.image_size=16",
         "train.global_batch=4", "optim.warmup_steps=3", "train.sample_every=0", "log.every=1000"]
 
 
-def stage_syncs(stage_name: str, steps: int, device_arg: str) -> SyncCounter:
+def stage_syncs(stage_name: str, steps: int, device_arg: str, overrides: list[str] = ()) -> SyncCounter:
     """Counts over `steps` non-logging steps of the trainer's loop for one stage."""
     no_init = [] if stage_name == "pretrain" else ["init.encoder=null"]
-    cfg = load_config(None, TINY + no_init + [f"train.device={device_arg}"], stage=stage_name)
+    cfg = load_config(None, TINY + no_init + [f"train.device={device_arg}", *overrides], stage=stage_name)
     rank, world, device = setup_distributed(cfg)  # idempotent for a world of one
     import deepspeed
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="+", default=["pretrain", "denoise", "consistency"])
     ap.add_argument("--steps", type=int, default=3, help="counted steps per stage (after one warm-up step)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. train.zero_stage=1 optim.grad_clip=1.0 (the XL preset's)")
     ap.add_argument("--stacks", action="store_true", help="print each event's full stack (project frames)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("epg_fast").setLevel(logging.WARNING)
     for name in args.stages:
-        syncs = stage_syncs(name, args.steps, args.device)
+        syncs = stage_syncs(name, args.steps, args.device, args.set)
         per_step = {k: v / args.steps for k, v in sorted(syncs.counts().items())}
         print(f"\n## {name}: {len(syncs.events) / args.steps:g} syncs per step {per_step}")
         for (kind, where), count in sorted(syncs.by_source().items(), key=lambda kv: -kv[1]):

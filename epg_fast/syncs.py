@@ -48,12 +48,15 @@ class SyncEvent:
 
     @property
     def where(self) -> str:
-        """The innermost frame in this project (else the innermost outside torch)."""
-        frames = self.stack
-        ours = [f for f in frames if f.filename.startswith(_PROJECT) and "/.venv/" not in f.filename]
-        outside_torch = [f for f in frames if "/torch/" not in f.filename]
-        f = (ours or outside_torch or frames)[-1]
-        return f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '').strip()}"
+        """The innermost frame in this project, then (when the sync is deeper, in a library
+        such as DeepSpeed) the innermost frame outside torch."""
+        ours = [f for f in self.stack if f.filename.startswith(_PROJECT) and "/.venv/" not in f.filename]
+        outside_torch = [f for f in self.stack if "/torch/" not in f.filename]
+        show = lambda f: f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '').strip()}"
+        if not ours:
+            return show((outside_torch or self.stack)[-1])
+        deeper = outside_torch[-1] if outside_torch and outside_torch[-1] is not ours[-1] else None
+        return show(ours[-1]) + (f" <- {show(deeper)}" if deeper else "")
 
 
 class _Uploads(TorchFunctionMode):
