@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +26,77 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
+
+
+PEAK_MATMUL_N = 8192  # large enough to reach the tensor cores' steady clock on H100/H200
+
+
+@dataclass(frozen=True)
+class PeakTflops:
+    """The MFU denominator (measured) and the datasheet figure logged beside it."""
+
+    measured: float
+    datasheet: float | None
+
+
+def measure_bf16_matmul_tflops(device: torch.device, n: int = PEAK_MATMUL_N) -> float:
+    """TFLOP/s of a bf16 n^3 matmul on a CUDA device: the median of 5 timings of 10 back-to-back matmuls."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    for _ in range(3):  # warm-up: cuBLAS heuristics, clocks
+        torch.mm(a, b, out=c)
+    ms = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            torch.mm(a, b, out=c)
+        end.record()
+        torch.cuda.synchronize(device)
+        ms.append(start.elapsed_time(end) / 10)
+    del a, b, c
+    torch.cuda.empty_cache()
+    return 2 * n**3 / (statistics.median(ms) * 1e-3) / 1e12
+
+
+def cache_dir() -> Path:
+    """Where measured machine facts are kept: $EPG_CACHE_DIR, else ~/.cache/epg_fast."""
+    return Path(os.environ.get("EPG_CACHE_DIR") or Path.home() / ".cache" / "epg_fast")
+
+
+def cached_peak_tflops(device_name: str, measure: Callable[[], float], directory: Path | None = None) -> PeakTflops:
+    """The measured peak of GPU `device_name`, measured once (by `measure`) and then read from
+    peak_tflops.json in `directory` (default cache_dir()); an unreadable cache is re-measured."""
+    path = (directory or cache_dir()) / "peak_tflops.json"
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        table = {}
+    except (OSError, ValueError) as err:
+        log.warning("peak cache %s unreadable (%s): measuring again", path, err)
+        table = {}
+    entry = table.get(device_name)
+    if isinstance(entry, dict) and isinstance(entry.get("measured_tflops"), (int, float)):
+        measured = float(entry["measured_tflops"])
+        log.info("MFU peak for %s: %.0f TFLOP/s measured (cached in %s)", device_name, measured, path)
+    else:
+        measured = float(measure())
+        table[device_name] = {"measured_tflops": measured, "matmul": f"bf16 {PEAK_MATMUL_N}^3", "torch": torch.__version__}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write at once: replace atomically
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+        log.info("MFU peak for %s: %.0f TFLOP/s measured now (cached in %s)", device_name, measured, path)
+    return PeakTflops(measured=measured, datasheet=peak_tflops(device_name))
+
+
+def measured_peak_tflops(device: torch.device) -> PeakTflops | None:
+    """The bf16 matmul peak of this CUDA device (cached per GPU name) with the datasheet value;
+    None on CPU, which has no MFU."""
+    if device.type != "cuda":
+        return None
+    return cached_peak_tflops(torch.cuda.get_device_name(device), lambda: measure_bf16_matmul_tflops(device))
 
 
 class GPUTelemetry:
