@@ -111,11 +111,11 @@ class DenoiseConfig:
 class ConsistencyConfig:
     p_mean: float = -1.1  # ln t ~ N(p_mean, p_std^2)
     p_std: float = 2.0
-    q: float = 4.0  # ECT: r = t (1 - q^-stage (1 + k sigmoid(-b t)))
+    q: float = 4.0  # ECT: r = t (1 - q^-round (1 + k sigmoid(-b t)))
     k: float = 8.0
     b: float = 1.0
-    stage_steps: int = 10_000  # d: steps per ECT stage
-    stage_offset: int = 0  # stage = step // stage_steps + stage_offset (the reference starts at 1)
+    round_steps: int = 10_000  # d: steps per ECT round (ECT's "stage")
+    round_offset: int = 0  # round = round_offset, then + step // round_steps after step d (the reference starts at 1)
     huber_c: float = 0.08  # pseudo-Huber constant
     # Optional perceptual term: weight of the NCE between frozen pre-trained encoder features
     # (init.encoder) of the prediction and of the clean image; 0 = off (the reference uses 1).
@@ -365,8 +365,8 @@ def resolve(cfg: Config) -> None:
                           "train.sample_every >= 0")
     if cfg.stage == "consistency" and cfg.consistency.perceptual_weight > 0 and not cfg.init.encoder:
         raise ConfigError("consistency.perceptual_weight > 0 needs init.encoder (the frozen feature network)")
-    if finetune and (cfg.denoise.levels < 2 or cfg.consistency.stage_steps <= 0 or cfg.consistency.huber_c <= 0):
-        raise ConfigError("denoise.levels must be >= 2, consistency.stage_steps and consistency.huber_c > 0")
+    if finetune and (cfg.denoise.levels < 2 or cfg.consistency.round_steps <= 0 or cfg.consistency.huber_c <= 0):
+        raise ConfigError("denoise.levels must be >= 2, consistency.round_steps and consistency.huber_c > 0")
     if m.dim % 2:
         raise ConfigError(f"model.dim={m.dim} must be even (sinusoidal time embedding)")
     if m.image_size % m.patch_size:

@@ -170,7 +170,7 @@ class FinetuneStage:
             return denoise_loss(engine, x, y, p_mean=d.p_mean, p_std=d.p_std, levels=d.levels, **common)
         c = cfg.consistency
         return consistency_loss(engine, x, y, step=step, p_mean=c.p_mean, p_std=c.p_std, q=c.q, k=c.k, b=c.b,
-                                stage_steps=c.stage_steps, stage_offset=c.stage_offset, huber_c=c.huber_c,
+                                round_steps=c.round_steps, round_offset=c.round_offset, huber_c=c.huber_c,
                                 perceptual=self.perceptual, **common)
 
     def after_step(self, step: int, run_dir: Path, rank: int) -> None:

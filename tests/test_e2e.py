@@ -48,7 +48,7 @@ def pretrained(env, tmp_path_factory):
 def test_finetune_then_sample(env, pretrained, tmp_path, stage, sampler, steps, guidance, extra):
     run_dir = tmp_path / stage
     proc = run([sys.executable, TRAIN, "--stage", stage, *FINETUNE, "train.total_steps=10", *extra,
-                f"init.encoder={pretrained}", f"train.run_dir={run_dir}", "consistency.stage_steps=5"], env)
+                f"init.encoder={pretrained}", f"train.run_dir={run_dir}", "consistency.round_steps=5"], env)
     assert f"encoder initialised from {pretrained}" in proc.stderr and "missing keys: none" in proc.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
