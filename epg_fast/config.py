@@ -46,7 +46,9 @@ class ModelConfig:
     patch_size: int = 16
     cls_tokens: int = 1
     mlp_ratio: float = 4.0
-    dropout: float = 0.0  # after attention and in the MLP (the reference's consistency EPG-L: 0.5)
+    # Pre-training: after attention and in the MLP of every block; fine-tuning: only on the
+    # decoder attention output, as the reference (its consistency EPG-L: 0.5).
+    dropout: float = 0.0
     proj_hidden: int = 4096  # projector hidden width (spec: 4096)
     proj_dim: int = 256  # projector output width
     attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa"))
