@@ -290,7 +290,7 @@ def pretrain_workload(smoke: bool, batch: int) -> Workload:
         inputs=_images("x", "y1", "y2", size=m.image_size),
         loss=loss,
         macs_per_image=pretrain_step_macs(m),
-        macs_source="flops.pretrain_step_macs (6 encoder + 4 projector forwards, 3 + 2 of them with backward)",
+        macs_source="flops.pretrain_step_macs (6 encoder + 6 projector forwards, 3 + 2 of them with backward)",
         target_in_loss=True,
     )
 
