@@ -103,8 +103,10 @@ def load_pretrained_encoder(path: str, weights: str = "module") -> dict[str, Ten
 
 
 def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torch.device):
-    """The consistency stage's perceptual feature map: the frozen pre-trained encoder's
-    normalised cls feature h of an image seen at the cleanest level s * sigma_min."""
+    """The consistency stage's perceptual feature map, as the reference's (`forward_features`
+    of the pre-training model in eval mode): the frozen pre-trained network's projector output
+    z of an image seen at the cleanest level s * sigma_min, its BatchNorm layers normalising
+    with the checkpoint's running statistics."""
     m = cfg.model
     encoder = PretrainEncoder(
         proj_hidden=pretrained["projection_head.0.weight"].shape[0], proj_dim=pretrained["projection_head.6.weight"].shape[0],
@@ -116,7 +118,7 @@ def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torc
     t0 = schedule.resolution_shift(m.image_size) * schedule.SIGMA_MIN
 
     def features(images: Tensor) -> Tensor:
-        return encoder.features(images, torch.full((images.shape[0],), t0, device=images.device))
+        return encoder.perceptual_features(images, torch.full((images.shape[0],), t0, device=images.device))
 
     return features
 

@@ -53,7 +53,7 @@ def test_finetune_then_sample(env, pretrained, tmp_path, stage, sampler, steps, 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
     if "consistency.perceptual_weight=1.0" in extra:
-        assert rows[-1]["perceptual"] > 0  # stage 1 at step 10: the term is on
+        assert rows[-1]["perceptual"] > 0  # ECT round 1 at step 10: the term is on
     out = tmp_path / "samples"
     proc = run([sys.executable, "-m", "epg_fast.sample", str(run_dir), "--out", str(out), "--sampler", sampler,
                 "--steps", str(steps), "--guidance", str(guidance), "--num", "16", "--batch-size", "8"], env)

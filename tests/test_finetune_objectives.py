@@ -369,3 +369,41 @@ def test_consistency_perceptual_term():
     assert run(120, (features, 0.0))[0].item() == pytest.approx(base.item(), rel=1e-7)
     # off during the round-0 warm-up, as the reference
     assert run(30, (features, 0.5))[0].item() == pytest.approx(run(30, None)[0].item(), rel=1e-7)
+
+
+def test_perceptual_feature_is_the_projector_output_with_running_statistics():
+    """The consistency stage's perceptual feature (stages.perceptual_features) is the
+    pre-training network's projector output z at t = s sigma_min, its BatchNorm layers in eval
+    mode with the checkpoint's running statistics (the reference's forward_features), written
+    out here from BatchNorm's definition."""
+    from epg_fast.config import load_config
+    from epg_fast.models.encoder import PretrainEncoder
+    from epg_fast.stages import perceptual_features
+
+    cfg = load_config("configs/consistency/demo.yaml", ["consistency.perceptual_weight=1.0"])
+    m = cfg.model
+    torch.manual_seed(5)
+    net = PretrainEncoder(proj_hidden=64, proj_dim=16, image_size=m.image_size, patch_size=m.patch_size,
+                          dim=m.dim, depth=m.depth, heads=m.heads)
+    with torch.no_grad():  # a checkpoint's non-trivial statistics and affine parameters
+        for i in (1, 4):
+            bn = net.projection_head[i]
+            bn.running_mean.normal_(std=0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_(1.0, 0.2), bn.bias.normal_(std=0.2)
+    features = perceptual_features(cfg, net.state_dict(), torch.device("cpu"))
+    images = torch.randn(5, 3, m.image_size, m.image_size)
+    got = features(images)
+
+    t0 = m.image_size / 64 * SIGMA_MIN
+    ph = {k: v.double() for k, v in net.projection_head.state_dict().items() if v.is_floating_point()}
+
+    def bn_eval(u, i):
+        return (u - ph[f"{i}.running_mean"]) / torch.sqrt(ph[f"{i}.running_var"] + 1e-5) * ph[f"{i}.weight"] + ph[f"{i}.bias"]
+
+    with torch.no_grad():
+        h = net.features(images, torch.full((5,), t0)).double()
+    u = torch.relu(bn_eval(h @ ph["0.weight"].T, 1))
+    u = torch.relu(bn_eval(u @ ph["3.weight"].T, 4))
+    want = u @ ph["6.weight"].T
+    assert got.shape == (5, 16)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

@@ -103,8 +103,9 @@ def consistency_loss(
     Draws from `generator`, in this order: one uniform per sample (label dropout), one
     normal per sample (ln t), one normal noise image per sample (e).
 
-    perceptual = (f, weight): f maps images [B, 3, R, R] to features [B, F] (the pre-trained
-    encoder evaluated at t_min, e.g. PretrainEncoder.features(img, full(t_min))). Adds
+    perceptual = (f, weight): f maps images [B, 3, R, R] to features [B, F] (the frozen
+    pre-training network's projector output at t_min with BatchNorm running statistics,
+    PretrainEncoder.perceptual_features(img, full(t_min)) in eval mode). Adds
     weight * NCE(f(D(x_t)), sg(f(x)); tau) per sample, unweighted by 1/(t - r), from round 1
     on, as the reference (which uses weight 1 and tau 0.1). NCE gathers across ranks.
 
