@@ -130,9 +130,15 @@ class OptimConfig:
     scale_lr: bool = False  # multiply lr by global_batch / 1024
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.03
-    decay_tokens: bool = True  # weight decay on pos_embed and cls tokens too (reference)
-    warmup_steps: int = 10_000
+    decay_tokens: bool = True  # weight decay on pos_embed and cls tokens too (reference pre-training)
+    warmup_steps: int = 10_000  # lr factor k / warmup_steps at step k (the first step runs at 0)
+    # After warmup: "cosine" decay to 0 at train.total_steps, or "step": factor 1, then
+    # factors[i] once the step exceeds milestones[i] (see epg_fast/optim.py).
+    schedule: str = field(default="cosine", metadata=_choices("cosine", "step"))
+    milestones: list[int] = field(default_factory=list)
+    factors: list[float] = field(default_factory=list)
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    clip_after_warmup: bool = False  # clip only from step warmup_steps on (reference denoising)
 
 
 @dataclass
@@ -383,6 +389,10 @@ def resolve(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
         raise ConfigError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
+    o = cfg.optim
+    if len(o.milestones) != len(o.factors) or o.milestones != sorted(set(o.milestones)) or any(f < 0 for f in o.factors):
+        raise ConfigError(f"optim.milestones must increase and match optim.factors (>= 0) one to one; "
+                          f"got {o.milestones} and {o.factors}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):

@@ -21,7 +21,6 @@ if __name__ == "__main__":
 import argparse
 import hashlib
 import logging
-import math
 import platform
 import signal
 import socket
@@ -39,6 +38,7 @@ from epg_fast.checkpoint import Checkpoints
 from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
 from epg_fast.data import DataError, build_loader
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
+from epg_fast.optim import GradClip, build_optimizer, build_scheduler
 from epg_fast.stages import build_stage
 
 log = logging.getLogger("epg_fast")
@@ -114,27 +114,6 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
     return precision
-
-
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """All parameters decay, except pos_embed and cls tokens when optim.decay_tokens=false."""
-    tokens = {"encoder.pos_embed", "encoder.cls_token"}
-    decay = [p for n, p in model.named_parameters() if cfg.optim.decay_tokens or n not in tokens]
-    no_decay = [p for n, p in model.named_parameters() if not cfg.optim.decay_tokens and n in tokens]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
-    return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-
-
-def warmup_cosine(warmup: int, total: int):
-    """lr factor at scheduler step k: linear warmup to 1 over `warmup` steps, cosine to 0 at `total`."""
-
-    def factor(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        progress = min(1.0, (k - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def deepspeed_config(cfg: Config, world: int, precision: str) -> dict:
@@ -293,16 +272,13 @@ def train(cfg: Config) -> int:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = build_stage(cfg, device)
-    lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
-    optimizer = torch.optim.AdamW(param_groups(stage.model, cfg), lr=lr, betas=tuple(cfg.optim.betas))
     engine, _, _, scheduler = deepspeed.initialize(
         model=stage.model,
-        optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.total_steps)
-        ),
+        optimizer=build_optimizer(stage.model, cfg),
+        lr_scheduler=build_scheduler(cfg),
         config=deepspeed_config(cfg, world, precision),
     )
+    clip = GradClip(cfg.optim)
     ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.bn_mode, cfg.train.zero_stage)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
@@ -356,6 +332,7 @@ def train(cfg: Config) -> int:
         engine.backward(loss)
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == end
         gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
+        clip.apply(engine, step)
         engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
         ema.update()
         step += 1
