@@ -111,9 +111,16 @@ def test_grad_clip_after_warmup_in_deepspeed(tmp_path, zero_stage):
     assert out[zero_stage] == pytest.approx([5.0, 5.0, 1.0, 1.0], rel=1e-5)
 
 
-# The released runs (AMAP-ML/EPG configs/imagenet256_denoise.py, imagenet256_consistency.py,
-# scripts/denoise_tune.sh, consistency_tune.sh), written out here from those files.
+# The released runs (AMAP-ML/EPG configs/imagenet256_*.py and the scripts/*.sh that launch
+# them, the scripts' overrides winning), written out here from those files.
 RELEASED = {
+    "configs/pretrain/in256_vitb16.yaml": {  # the launch script's run (scripts/pretrain.sh)
+        "model.preset": "ViT-B", "model.proj_hidden": 4096, "model.proj_dim": 768, "optim.lr": 6e-4,
+        "optim.betas": [0.9, 0.95], "optim.weight_decay": 0.03, "optim.decay_tokens": True,
+        "optim.warmup_steps": 10000, "optim.schedule": "cosine", "data.precropped": True,
+        "train.global_batch": 1024, "train.total_steps": 600_000, "pretrain.s0": 20, "pretrain.s1": 1280,
+        "pretrain.target_ema": 0.99, "pretrain.tau_contrastive": 0.2, "pretrain.tau_consistency": 0.1,
+    },
     "configs/denoise/in256_epg_xl16.yaml": {
         "optim.lr": 1e-4, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.01, "optim.decay_tokens": False,
         "optim.warmup_steps": 10000, "optim.schedule": "cosine", "optim.grad_clip": 0.5,
