@@ -281,9 +281,9 @@ def default_config_path(stage: str) -> Path:
     return CONFIG_DIR / stage / "demo.yaml"
 
 
-def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
-    """The YAML layers of a preset, base first: a file may name another with `base: FILE`
-    (relative to itself) and override only what differs."""
+def _read_with_bases(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML layers of a preset as (file, values), base first: a file may name another
+    with `base: FILE` (relative to itself) and override only what differs."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -294,7 +294,7 @@ def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
     layers = _read_with_bases(path.parent / base, seen + [path.resolve()]) if base else []
-    return layers + [data]
+    return layers + [(path, data)]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> Config:
@@ -304,13 +304,29 @@ def load_config(path: str | Path | None, overrides: list[str] = (), stage: str |
         path = default_config_path(stage or cfg.stage)
     path = Path(path)
     cfg.name = path.stem
-    for layer in _read_with_bases(path, []):
+    for _, layer in _read_with_bases(path, []):
         _apply(cfg, layer, "")
     _apply(cfg, parse_overrides(list(overrides)), "")
     if stage is not None and cfg.stage != stage:
         raise ConfigError(f"--stage {stage} was given a '{cfg.stage}' config ({path})")
     resolve(cfg)
     return cfg
+
+
+def preset_comments(path: str | Path | None, stage: str | None = None) -> str:
+    """The comment block that opens the preset file and each of its bases (the file first):
+    the paper presets name there the released source of every value they set."""
+    path = Path(path) if path is not None else default_config_path(stage or Config().stage)
+    blocks = []
+    for file, _ in reversed(_read_with_bases(path, [])):
+        lines = []
+        for line in file.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            lines.append(line)
+        if lines:
+            blocks.append(f"{file}:\n" + "\n".join(lines))
+    return "\n".join(blocks)
 
 
 def resolve(cfg: Config) -> None:

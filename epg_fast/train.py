@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from epg_fast import ops
 from epg_fast.checkpoint import Checkpoints
-from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config
+from epg_fast.config import STAGES, Config, ConfigError, check_world, load_config, preset_comments
 from epg_fast.data import DataError, build_loader
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.optim import GradClip, build_optimizer, build_scheduler
@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, default="pretrain")
     p.add_argument("--config", default=None, help="YAML preset (default: configs/<stage>/demo.yaml)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the preset's comments (the paper presets: each value's source) and the resolved config, then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=20 data.root=/data")
     return p.parse_args(argv)
@@ -238,11 +240,17 @@ class ShadowEMA:
             ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
 
 
-def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage, loader, autocast_dtype) -> None:
+def describe_config(cfg: Config, comments: str) -> str:
+    """The preset's comment block (where each value comes from) and the resolved config."""
+    return "\n".join(([f"preset notes:\n{comments}"] if comments else [])
+                     + ["resolved config:", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip()])
+
+
+def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage, loader, autocast_dtype,
+                  comments: str = "") -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
-        "resolved config:",
-        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        describe_config(cfg, comments),
         f"stage        {cfg.stage}",
         f"parameters   {stage.describe()}",
         f"world size   {world} ({'nccl' if device.type == 'cuda' else 'gloo'}), device {device} [{name}]",
@@ -255,7 +263,7 @@ def startup_block(cfg: Config, world: int, device: torch.device, precision: str,
     log.info("\n".join(lines))
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, comments: str = "") -> int:
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = setup_distributed(cfg)
     run_dir = Path(cfg.train.run_dir)
@@ -298,7 +306,7 @@ def train(cfg: Config) -> int:
     end = cfg.train.stop_after or cfg.train.total_steps
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if rank == 0:
-        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype)
+        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype, comments)
     if step >= end:
         log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
         return 0
@@ -384,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
-        return train(cfg)
+        comments = preset_comments(args.config, args.stage)
+        if args.print_config:
+            print(describe_config(cfg, comments))
+            return 0
+        return train(cfg, comments)
     except ConfigError as err:
         print(f"epg_fast: config error: {err}", file=sys.stderr)
         return 2

@@ -160,3 +160,17 @@ def test_every_preset_value_names_its_source(path):
     for section, values in body.items():
         for key in values:
             assert key in header, f"{path}: {section}.{key} has no source in the header comment"
+
+
+def test_print_config_shows_each_preset_value_with_its_source(capsys):
+    """`train.py --print-config` (and the start-up block, which prints the same text) shows the
+    preset's source notes and the resolved values, before anything is built."""
+    from epg_fast.train import main
+
+    assert main(["--stage", "consistency", "--config", "configs/consistency/in256_epg_l16.yaml", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    notes, resolved = out.split("resolved config:")
+    assert "configs/consistency/in256_epg_l16.yaml:" in notes and "in256_epg_xl16.yaml:" in notes  # and its base
+    assert "customized_lr_scheduler \"warmup-step\"" in notes and "cfg train.gradclip 0.0" in notes
+    assert "schedule: step" in resolved and "milestones:\n  - 400000\n  - 500000" in resolved
+    assert "round_steps: 100000" in resolved
