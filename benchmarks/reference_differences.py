@@ -27,7 +27,8 @@ def sigma_grid_float64() -> str:
     theirs = (hi + i / (n - 1) * (lo - hi)) ** schedule.RHO
     rel = ((theirs.double() - ours) / ours).abs().max().item()
     gap = ((ours[1:] - ours[:-1]).abs() / ours[:-1]).min().item()
-    return f"sigma grid float64 vs float32: max relative level difference {rel:.1e} (adjacent levels differ by >= {gap:.1e})"
+    return (f"sigma grid float64 vs float32: max relative level difference {rel:.1e} "
+            f"(adjacent levels differ by >= {gap:.1e})")
 
 
 def _nets() -> tuple[PretrainEncoder, PretrainEncoder]:

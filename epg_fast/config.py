@@ -119,8 +119,9 @@ class ConsistencyConfig:
     round_steps: int = 10_000  # d: steps per ECT round (ECT's "stage")
     round_offset: int = 0  # round = round_offset, then + step // round_steps after step d (the reference starts at 1)
     huber_c: float = 0.08  # pseudo-Huber constant
-    # Optional perceptual term: weight of the NCE between frozen pre-trained encoder features
-    # (init.encoder) of the prediction and of the clean image; 0 = off (the reference uses 1).
+    # Optional perceptual term: weight of the NCE between the frozen pre-training network's
+    # projector features (init.encoder) of the prediction and of the clean image; 0 = off
+    # (the reference uses 1).
     perceptual_weight: float = 0.0
 
 
@@ -406,7 +407,8 @@ def resolve(cfg: Config) -> None:
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
         raise ConfigError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
     o = cfg.optim
-    if len(o.milestones) != len(o.factors) or o.milestones != sorted(set(o.milestones)) or any(f < 0 for f in o.factors):
+    increasing = o.milestones == sorted(set(o.milestones))
+    if len(o.milestones) != len(o.factors) or not increasing or any(f < 0 for f in o.factors):
         raise ConfigError(f"optim.milestones must increase and match optim.factors (>= 0) one to one; "
                           f"got {o.milestones} and {o.factors}")
     if not 0.0 <= m.dropout < 1.0:

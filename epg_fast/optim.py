@@ -51,7 +51,8 @@ def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
         if k < warmup:
             return k / warmup
         if optim.schedule == "step":
-            return next((f for m, f in reversed(list(zip(optim.milestones, optim.factors))) if k > m), 1.0)
+            passed = [f for m, f in zip(optim.milestones, optim.factors) if k > m]
+            return passed[-1] if passed else 1.0
         progress = min(1.0, (k - warmup) / max(1, total_steps - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 

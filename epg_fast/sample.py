@@ -623,8 +623,9 @@ def _sample(args: argparse.Namespace, rank: int, world: int, device: torch.devic
         save_grid(head, out / "grid.png")
         lo, hi = args.interval
         guided = f"guidance {args.guidance} in sigma ({lo}, {hi}]" if args.guidance != 1 else "no guidance"
-        levels = "" if args.sampler == "onestep" else f", {args.steps} levels, {args.grid} grid " + (
-            "(then 0)" if args.grid == "paper" else f"(ending at s*sigma_min = {sampling_levels(args.steps, info.image_size, 'reference')[-1]:g})")
+        t_min = schedule.resolution_shift(info.image_size) * schedule.SIGMA_MIN
+        end = "then 0" if args.grid == "paper" else f"ending at s*sigma_min = {t_min:g}"
+        levels = "" if args.sampler == "onestep" else f", {args.steps} levels, {args.grid} grid ({end})"
         print(f"NFE per image: {nfe} ({args.sampler}{levels}, {guided})")
         print(f"{args.num} images in {seconds:.1f} s: {args.num / seconds:.2f} images/s on {world} rank(s)")
         print(f"wrote {final} and {out / 'grid.png'}")

@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, default="pretrain")
     p.add_argument("--config", default=None, help="YAML preset (default: configs/<stage>/demo.yaml)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the preset's comments (the paper presets: each value's source) and the resolved config, then exit")
+    p.add_argument("--print-config", action="store_true", help="print the preset's comments (the paper presets: "
+                   "each value's source) and the resolved config, then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=20 data.root=/data")
     return p.parse_args(argv)
