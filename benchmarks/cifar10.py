@@ -188,7 +188,7 @@ def run(plan: Plan, out_dir: Path, work: Path, quick: bool) -> dict:
     seconds["consistency"] = train("consistency", run_dir, common + [
         f"init.encoder={ckpt}", f"train.total_steps={plan.consistency_steps}",
         f"train.save_every={plan.consistency_steps}", "train.sample_every=0",
-        f"consistency.stage_steps={max(1, plan.consistency_steps // 4)}"], env)
+        f"consistency.round_steps={max(1, plan.consistency_steps // 4)}"], env)
     point = evaluate(run_dir / "checkpoints" / f"step_{plan.consistency_steps:08d}", work / "samples" / "consistency",
                      plan.final_images, plan, "onestep", test_root, env)
     point.update(step=plan.consistency_steps, train_images=plan.consistency_steps * batch)

@@ -53,7 +53,7 @@ FOOTNOTES = [
     "(a guided forward counts 2); one-step: 1. DiT: {nfe_dit} DDPM steps with CFG, each a forward of the "
     "doubled batch: {nfe_dit} x 2 forwards.",
     "train step/img = forward + backward (backward = 2 forwards). pretrain: six encoder forwards "
-    "(three with gradients) and four projector forwards (two with gradients); 'enc fwd' is one "
+    "(three with gradients) and six projector forwards (two with gradients); 'enc fwd' is one "
     "encoder + projector forward. denoise: 3 x fwd; consistency: 3 x fwd + the target's forward. "
     "DiT's training step (in the denoise column): 3 x fwd, the VAE encoding of the image not counted.",
     "FID-50K as published: EPG from the EPG paper (EPG_SPEC section 7); '*' marks DiT's own "

@@ -285,7 +285,7 @@ def pretrain_workload(smoke: bool, batch: int) -> Workload:
     size = f"{m.image_size} px, patch {m.patch_size}"
     title = "tiny encoder + projector" if smoke else "EPG-XL/16 pre-training (ViT-B/16 + projector 4096/256)"
     return _stage_workload("pretrain", f"{title}, {size}", batch, cfg,
-                           "flops.pretrain_step_macs (6 encoder + 4 projector forwards, 3 + 2 of them with backward)")
+                           "flops.pretrain_step_macs (6 encoder + 6 projector forwards, 3 + 2 of them with backward)")
 
 
 def denoise_workload(smoke: bool, batch: int) -> Workload:

@@ -64,7 +64,9 @@ class ModelConfig:
     patch_size: int = 16
     cls_tokens: int = 1
     mlp_ratio: float = 4.0
-    dropout: float = 0.0  # after attention and in the MLP (the reference's consistency EPG-L: 0.5)
+    # Pre-training: after attention and in the MLP of every block; fine-tuning: only on the
+    # decoder attention output, as the reference (its consistency EPG-L: 0.5).
+    dropout: float = 0.0
     proj_hidden: int = 4096  # projector hidden width (spec: 4096)
     proj_dim: int = 256  # projector output width
     attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa"))
@@ -129,14 +131,15 @@ class DenoiseConfig:
 class ConsistencyConfig:
     p_mean: float = -1.1  # ln t ~ N(p_mean, p_std^2)
     p_std: float = 2.0
-    q: float = 4.0  # ECT: r = t (1 - q^-stage (1 + k sigmoid(-b t)))
+    q: float = 4.0  # ECT: r = t (1 - q^-round (1 + k sigmoid(-b t)))
     k: float = 8.0
     b: float = 1.0
-    stage_steps: int = 10_000  # d: steps per ECT stage
-    stage_offset: int = 0  # stage = step // stage_steps + stage_offset (the reference starts at 1)
+    round_steps: int = 10_000  # d: steps per ECT round (ECT's "stage")
+    round_offset: int = 0  # round = round_offset, then + step // round_steps after step d (the reference starts at 1)
     huber_c: float = 0.08  # pseudo-Huber constant
-    # Optional perceptual term: weight of the NCE between frozen pre-trained encoder features
-    # (init.encoder) of the prediction and of the clean image; 0 = off (the reference uses 1).
+    # Optional perceptual term: weight of the NCE between the frozen pre-training network's
+    # projector features (init.encoder) of the prediction and of the clean image; 0 = off
+    # (the reference uses 1).
     perceptual_weight: float = 0.0
 
 
@@ -146,9 +149,15 @@ class OptimConfig:
     scale_lr: bool = False  # multiply lr by global_batch / 1024
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.03
-    decay_tokens: bool = True  # weight decay on pos_embed and cls tokens too (reference)
-    warmup_steps: int = 10_000
+    decay_tokens: bool = True  # weight decay on pos_embed and cls tokens too (reference pre-training)
+    warmup_steps: int = 10_000  # lr factor k / warmup_steps at step k (the first step runs at 0)
+    # After warmup: "cosine" decay to 0 at train.total_steps, or "step": factor 1, then
+    # factors[i] once the step exceeds milestones[i] (see epg_fast/optim.py).
+    schedule: str = field(default="cosine", metadata=_choices("cosine", "step"))
+    milestones: list[int] = field(default_factory=list)
+    factors: list[float] = field(default_factory=list)
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    clip_after_warmup: bool = False  # clip only from step warmup_steps on (reference denoising)
 
 
 @dataclass
@@ -306,9 +315,9 @@ def default_config_path(stage: str) -> Path:
     return CONFIG_DIR / stage / "demo.yaml"
 
 
-def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
-    """The YAML layers of a preset, base first: a file may name another with `base: FILE`
-    (relative to itself) and override only what differs."""
+def _read_with_bases(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML layers of a preset as (file, values), base first: a file may name another
+    with `base: FILE` (relative to itself) and override only what differs."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -319,7 +328,7 @@ def _read_with_bases(path: Path, seen: list[Path]) -> list[dict[str, Any]]:
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
     layers = _read_with_bases(path.parent / base, seen + [path.resolve()]) if base else []
-    return layers + [data]
+    return layers + [(path, data)]
 
 
 def read_config(path: str | Path | None, overrides: Sequence[str] = (), stage: str | None = None) -> Config:
@@ -331,7 +340,7 @@ def read_config(path: str | Path | None, overrides: Sequence[str] = (), stage: s
         path = default_config_path(stage or cfg.stage)
     path = Path(path)
     cfg.name = path.stem
-    for layer in _read_with_bases(path, []):
+    for _, layer in _read_with_bases(path, []):
         _apply(cfg, layer, "")
     _apply(cfg, parse_overrides(list(overrides)), "")
     if stage is not None and cfg.stage != stage:
@@ -348,6 +357,23 @@ def parse_profile_spec(spec: str | None) -> tuple[int, int] | None:
     if match is None or int(match[2]) < 1:
         raise ValueError(f"{spec!r} is not STEP:N (N >= 1 steps from step STEP, e.g. 10:5)")
     return int(match[1]), int(match[2])
+
+
+def preset_comments(path: str | Path | None, stage: str | None = None) -> str:
+    """The comment block that opens the preset file and each of its bases (the file first):
+    the paper presets name there the released source of every value they set."""
+    path = Path(path) if path is not None else default_config_path(stage or Config().stage)
+    blocks = []
+    for file, _ in reversed(_read_with_bases(path, [])):
+        lines = []
+        for line in file.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            lines.append(line)
+        if lines:
+            blocks.append(f"{file}:\n" + "\n".join(lines))
+    return "\n".join(blocks)
+
 
 
 def check_config(cfg: Config) -> None:
@@ -381,6 +407,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
         raise ConfigError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
+    o = cfg.optim
+    increasing = o.milestones == sorted(set(o.milestones))
+    if len(o.milestones) != len(o.factors) or not increasing or any(f < 0 for f in o.factors):
+        raise ConfigError(f"optim.milestones must increase and match optim.factors (>= 0) one to one; "
+                          f"got {o.milestones} and {o.factors}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):

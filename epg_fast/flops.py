@@ -29,12 +29,13 @@ def projector_macs(dim: int, hidden: int, out_dim: int) -> int:
 
 def pretrain_step_macs(model_cfg) -> int:
     """Multiply-adds per image of one pre-training step, forward and backward: six encoder
-    forwards (three online with gradients, one online without, two target), four projector
-    forwards (two with gradients); a backward pass costs two forwards."""
+    forwards (three online with gradients, one online without, two target), six projector
+    forwards (two with gradients; the online projector also sees b and b', as the reference,
+    and the target's two); a backward pass costs two forwards."""
     m = model_cfg
     enc = vit_macs(m.image_size, m.patch_size, m.dim, m.depth, m.mlp_ratio, m.cls_tokens + 1)
     proj = projector_macs(m.dim, m.proj_hidden, m.proj_dim)
-    return 3 * 3 * enc + 2 * 3 * proj + 1 * enc + 2 * (enc + proj)
+    return 3 * 3 * enc + 2 * 3 * proj + 1 * enc + 2 * proj + 2 * (enc + proj)
 
 
 def epg_macs(image_size: int, patch_size: int, dim: int, depth: int, decoder_dim: int, mlp_ratio: float = 4.0,

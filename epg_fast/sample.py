@@ -4,6 +4,7 @@
         [--guidance 1.0] [--interval 0.19,1.61] [--labels random|balanced|3,7,...] [--num 16]
         [--batch-size 16] [--seed 0] [--weights ema|online] [--device auto|cpu|cuda]
         [--precision fp32|bf16] [--clamp reference|data] [--churn 40,0.05,50,1.003]
+        [--grid paper|reference]
     a .pth state dict (e.g. a converted published checkpoint) also needs
         --preset EPG-XL --image-size 256 --patch-size 16 [--num-classes 1000]
         --prediction x0|edm --normalization imagenet|simple
@@ -14,7 +15,9 @@ newest completed checkpoint) or a plain EPG state dict. The command writes
 DIR/samples_<N>x<R>x<R>x3.npz in ADM's layout (arr_0: uint8 [N, R, R, 3], arr_1: int64 labels),
 the input of `python -m epg_fast.fid`, and DIR/grid.png (the first min(N, 64) images).
 
-Levels: `steps` Karras levels shifted by s = R/64, then 0; sampling starts at x = s*sigma_max*e.
+Levels (`--grid paper`, the default): `steps` Karras levels shifted by s = R/64, then 0;
+sampling starts at x = s*sigma_max*e. `--grid reference` is the reference implementation's
+grid: the same levels without the 0, so the samplers stop at s*sigma_min.
 The samplers integrate the probability-flow ODE dx/dt = (x - D(x, t)) / t:
 - euler: one evaluation per level;
 - heun: Karras et al. (2022) Algorithm 1; the step to level 0 is a plain Euler step;
@@ -30,7 +33,8 @@ unconditional ("no class" label) halves in one forward of 2B; elsewhere D = D_c.
 network evaluations per image as spent, a guided forward counting 2. At 256 px with the
 default interval 6 of the 32 levels (1.61 ... 0.28) are guided, each evaluated twice by Heun:
 63 + 12 = 75, the paper's "75 NFE". (The reference's grid has no final 0 and its last step
-ends at s*sigma_min: 62 + 12 = 74 evaluations for the same setting.)
+ends at s*sigma_min: 62 + 12 = 74 evaluations for the same setting; `--grid reference`.)
+The edm sampler takes its last step with Euler on either grid, as the reference's.
 
 Noise is a function of (seed, global image index) only, and ranks take contiguous runs of
 whole batches, so with a given --batch-size the images do not depend on the number of ranks.
@@ -65,6 +69,7 @@ from epg_fast.ops import Ops
 from epg_fast.stages import REGISTRY, Sampling, stage_sampled_as
 
 SAMPLERS = ("euler", "heun", "edm", "onestep")
+GRIDS = ("paper", "reference")
 DEFAULT_INTERVAL = (0.19, 1.61)  # reference scripts/sample_dm_in256.sh: cfg_sigma_low, cfg_sigma_high
 GRID_MAX = 64
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "decoder_dim", "decoder_heads",
@@ -91,12 +96,16 @@ class Churn(NamedTuple):
 # Levels, noise and the guided denoiser
 
 
-def sampling_levels(steps: int, image_size: int) -> list[float]:
-    """The sampler's shifted levels, noisiest first: s * (Karras grid of `steps` levels), 0."""
+def sampling_levels(steps: int, image_size: int, grid: str = "paper") -> list[float]:
+    """The sampler's shifted levels, noisiest first: s * (Karras grid of `steps` levels), then
+    0 ("paper": the last step lands on the data, 75 NFE for the paper's Heun setting) or
+    nothing ("reference": the reference's grid, which ends at s * sigma_min: 74 NFE)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r} (known: {', '.join(GRIDS)})")
     s = schedule.resolution_shift(image_size)
     if steps == 1:  # one step (onestep sampler): from sigma_max straight to 0
         return [s * schedule.SIGMA_MAX, 0.0]
-    return [*(schedule.karras_sigmas(steps) * s).tolist(), 0.0]
+    return [*(schedule.karras_sigmas(steps) * s).tolist(), *([0.0] if grid == "paper" else [])]
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -165,16 +174,22 @@ def euler(denoiser: Callable[[Tensor, float], Tensor], x: Tensor, levels: Sequen
 
 def heun(denoiser: Callable[[Tensor, float], Tensor], x: Tensor, levels: Sequence[float],
          churn: Churn | None = None, noise: Callable[[], Tensor] | None = None) -> Tensor:
-    """Karras Algorithm 1, or Algorithm 2 with `churn` (and `noise` drawing fresh noise)."""
-    steps = len(levels) - 1
-    for t, t_next in zip(levels, levels[1:]):
+    """Karras Algorithm 1, or Algorithm 2 with `churn` (and `noise` drawing fresh noise).
+
+    The second-order correction is skipped where it is undefined (a step to 0) and, with
+    `churn`, on the last step (the reference's stochastic sampler ends with Euler; with the
+    paper grid that step goes to 0 anyway). Churn's gamma divides by the number of nonzero
+    levels, as the reference's."""
+    steps = sum(1 for t in levels if t > 0)
+    last = len(levels) - 2
+    for i, (t, t_next) in enumerate(zip(levels, levels[1:])):
         if churn is not None and churn.amount > 0 and churn.t_min <= t <= churn.t_max:
             t_hat = t * (1 + min(churn.amount / steps, math.sqrt(2) - 1))
             x = x + math.sqrt(t_hat**2 - t**2) * churn.noise * noise()
             t = t_hat
         d = (x - denoiser(x, t)) / t
         x_next = x + (t_next - t) * d
-        if t_next > 0:  # the second-order correction needs the slope at t_next, undefined at 0
+        if t_next > 0 and not (churn is not None and i == last):  # the slope at 0 is undefined
             d_next = (x_next - denoiser(x_next, t_next)) / t_next
             x_next = x + (t_next - t) * (d + d_next) / 2
         x = x_next
@@ -201,13 +216,15 @@ def generate(
     batch_size: int = 16,
     churn: Churn = Churn(),
     clamp: tuple[Tensor | float, Tensor | float] = (-1.0, 1.0),
+    grid: str = "paper",
 ) -> tuple[Tensor, int]:
     """Images for `labels` [N] (0..num_classes; num_classes = unconditional) -> (images
     [N, 3, R, R] float32 on the CPU in the data's normalised space, NFE per image).
 
     Image j is global image first_index + j: its noise comes from image_seed(seed, that
     index). `prediction` is "x0" (stage denoise) or "edm" (stage consistency); `clamp` the
-    bounds of D (see `clamp_bounds`); `churn` is used by the "edm" sampler only.
+    bounds of D (see `clamp_bounds`); `churn` is used by the "edm" sampler only; `grid` see
+    `sampling_levels`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
@@ -215,7 +232,7 @@ def generate(
         raise ValueError("generate() needs at least one label")
     size = image_size or model.image_size
     device = next(model.parameters()).device
-    levels = sampling_levels(steps, size)
+    levels = sampling_levels(steps, size, grid)
     was_training = model.training
     model.eval()
     images, evaluations = [], 0
@@ -512,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clamp", default="reference", choices=("reference", "data"),
                    help="bounds of D: [-1, 1] (reference) or the normalised pixel range")
     p.add_argument("--churn", type=_churn_arg, default=Churn(), help="edm sampler: S_churn,S_tmin,S_tmax,S_noise")
+    p.add_argument("--grid", default="paper", choices=GRIDS,
+                   help="paper: Karras levels then 0 (75 NFE); reference: ending at s*sigma_min, as AMAP-ML/EPG (74)")
     g = p.add_argument_group("state-dict files")
     g.add_argument("--preset", choices=tuple(EPG_PRESETS))
     g.add_argument("--image-size", type=int)
@@ -553,7 +572,7 @@ def _sample(args: argparse.Namespace, rank: int, world: int, device: torch.devic
             images, nfe = generate(
                 model, labels[i : i + args.batch_size], sampler=args.sampler, steps=args.steps,
                 guidance=args.guidance, interval=args.interval, prediction=info.prediction, seed=args.seed,
-                first_index=i, batch_size=args.batch_size, churn=args.churn, clamp=clamp,
+                first_index=i, batch_size=args.batch_size, churn=args.churn, clamp=clamp, grid=args.grid,
             )
         chunks.append(to_uint8(images, info.normalization).numpy())
         if (b + 1) % every == 0 or b + 1 == len(batches):
@@ -575,7 +594,9 @@ def _sample(args: argparse.Namespace, rank: int, world: int, device: torch.devic
         save_grid(head, out / "grid.png")
         lo, hi = args.interval
         guided = f"guidance {args.guidance} in sigma ({lo}, {hi}]" if args.guidance != 1 else "no guidance"
-        levels = "" if args.sampler == "onestep" else f", {args.steps} levels"
+        t_min = schedule.resolution_shift(info.image_size) * schedule.SIGMA_MIN
+        end = "then 0" if args.grid == "paper" else f"ending at s*sigma_min = {t_min:g}"
+        levels = "" if args.sampler == "onestep" else f", {args.steps} levels, {args.grid} grid ({end})"
         print(f"NFE per image: {nfe} ({args.sampler}{levels}, {guided})")
         print(f"{args.num} images in {seconds:.1f} s: {args.num / seconds:.2f} images/s on {world} rank(s)")
         print(f"wrote {final} and {out / 'grid.png'}")

@@ -21,7 +21,6 @@ if __name__ == "__main__":
 import argparse
 import hashlib
 import logging
-import math
 import platform
 import signal
 import time
@@ -34,11 +33,12 @@ import yaml
 from tqdm import tqdm
 
 from epg_fast.checkpoint import Checkpoints, is_complete
-from epg_fast.config import STAGES, Config, ConfigError, check_world
+from epg_fast.config import STAGES, Config, ConfigError, check_world, preset_comments
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.ops import Ops
+from epg_fast.optim import GradClip, build_optimizer, build_scheduler
 from epg_fast.profiling import Profiling, format_breakdown
 from epg_fast.sample import write_sample_grid
 from epg_fast.stages import Stage, build_stage, load_config, stage_named
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, default="pretrain")
     p.add_argument("--config", default=None, help="YAML preset (default: configs/<stage>/demo.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the preset's comments (the paper presets: "
+                   "each value's source) and the resolved config, then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=20 data.root=/data")
     return p.parse_args(argv)
@@ -86,27 +88,6 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
     return precision
-
-
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """All parameters decay, except pos_embed and cls tokens when optim.decay_tokens=false."""
-    tokens = {"encoder.pos_embed", "encoder.cls_token"}
-    decay = [p for n, p in model.named_parameters() if cfg.optim.decay_tokens or n not in tokens]
-    no_decay = [p for n, p in model.named_parameters() if not cfg.optim.decay_tokens and n in tokens]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
-    return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-
-
-def warmup_cosine(warmup: int, total: int):
-    """lr factor at scheduler step k: linear warmup to 1 over `warmup` steps, cosine to 0 at `total`."""
-
-    def factor(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        progress = min(1.0, (k - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def deepspeed_config(cfg: Config, world: int, precision: str) -> dict:
@@ -229,12 +210,17 @@ class ShadowEMA:
             self.ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
 
 
+def describe_config(cfg: Config, comments: str) -> str:
+    """The preset's comment block (where each value comes from) and the resolved config."""
+    return "\n".join(([f"preset notes:\n{comments}"] if comments else [])
+                     + ["resolved config:", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip()])
+
+
 def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage: Stage, loader,
-                  autocast_dtype, ops: Ops) -> None:
+                  autocast_dtype, ops: Ops, comments: str = "") -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
-        "resolved config:",
-        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        describe_config(cfg, comments),
         f"stage        {cfg.stage}",
         f"parameters   {stage.describe()}",
         f"world size   {world} ({'nccl' if device.type == 'cuda' else 'gloo'}), device {device} [{name}]",
@@ -248,7 +234,7 @@ def startup_block(cfg: Config, world: int, device: torch.device, precision: str,
     log.info("\n".join(lines))
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, comments: str = "") -> int:
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible")
@@ -268,16 +254,14 @@ def train(cfg: Config) -> int:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = build_stage(cfg, device, ops)
-    lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
-    optimizer = torch.optim.AdamW(param_groups(stage.model, cfg), lr=lr, betas=tuple(cfg.optim.betas))
+    optimizer = build_optimizer(stage.model, cfg)
     engine, _, _, scheduler = deepspeed.initialize(
         model=stage.model,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.total_steps)
-        ),
+        lr_scheduler=build_scheduler(cfg),
         config=deepspeed_config(cfg, world, precision),
     )
+    clip = GradClip(cfg.optim)
     ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.average_buffers, cfg.train.zero_stage, ops)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
@@ -297,7 +281,7 @@ def train(cfg: Config) -> int:
     end = cfg.train.stop_after or cfg.train.total_steps
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if rank == 0:
-        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype, ops)
+        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype, ops, comments)
     if step >= end:
         log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
         return 0
@@ -345,6 +329,7 @@ def train(cfg: Config) -> int:
             engine.backward(loss)
         log_now = prof.is_log_step(step)
         gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
+        clip.apply(engine, step)
         with prof.phase("optimizer"):
             engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
         with prof.phase("ema"):
@@ -412,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
-        return train(cfg)
+        comments = preset_comments(args.config, args.stage)
+        if args.print_config:
+            print(describe_config(cfg, comments))
+            return 0
+        return train(cfg, comments)
     except ConfigError as err:
         print(f"epg_fast: config error: {err}", file=sys.stderr)
         return 2

@@ -10,8 +10,10 @@ def test_paper_preset_values():
     cfg = load_config(CONFIG_DIR / "pretrain" / "in256_vitb16.yaml")
     m, o, t, p = cfg.model, cfg.optim, cfg.train, cfg.pretrain
     assert (m.depth, m.dim, m.heads, m.image_size, m.patch_size) == (12, 768, 12, 256, 16)
+    # the released launch script's run (scripts/pretrain.sh overrides lr and the projector output)
     assert (t.global_batch, t.total_steps, o.lr, o.betas, o.weight_decay, o.warmup_steps) == (
-        1024, 600_000, 2e-4, [0.9, 0.95], 0.03, 10_000)
+        1024, 600_000, 6e-4, [0.9, 0.95], 0.03, 10_000)
+    assert (m.proj_hidden, m.proj_dim, cfg.data.precropped) == (4096, 768, True)
     assert (p.s0, p.s1, p.target_ema, p.tau_contrastive, p.tau_consistency) == (20, 1280, 0.99, 0.2, 0.1)
 
 

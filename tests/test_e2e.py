@@ -63,12 +63,12 @@ def pretrained(env, tmp_path_factory):
 def test_finetune_then_sample(env, pretrained, tmp_path, stage, sampler, steps, guidance, extra):
     run_dir = tmp_path / stage
     proc = run([sys.executable, TRAIN, "--stage", stage, *FINETUNE, "train.total_steps=10", *extra,
-                f"init.encoder={pretrained}", f"train.run_dir={run_dir}", "consistency.stage_steps=5"], env)
+                f"init.encoder={pretrained}", f"train.run_dir={run_dir}", "consistency.round_steps=5"], env)
     assert f"encoder initialised from {pretrained}" in proc.stderr and "missing keys: none" in proc.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
     if "consistency.perceptual_weight=1.0" in extra:
-        assert rows[-1]["perceptual"] > 0  # stage 1 at step 10: the term is on
+        assert rows[-1]["perceptual"] > 0  # ECT round 1 at step 10: the term is on
     out = tmp_path / "samples"
     proc = run([sys.executable, "-m", "epg_fast.sample", str(run_dir), "--out", str(out), "--sampler", sampler,
                 "--steps", str(steps), "--guidance", str(guidance), "--num", "16", "--batch-size", "8"], env)

@@ -261,3 +261,45 @@ def test_fused_kernels_match_reference():
     torch.testing.assert_close(tri, ref, atol=1e-4, rtol=1e-4)
     for name in g_ref:
         torch.testing.assert_close(g_tri[name], g_ref[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement with the reference implementation's model construction (issue 10, items 1 and 8)
+
+
+def test_dropout_only_on_decoder_attention_output():
+    """The reference builds the fine-tuned model's encoder with drop=0 and gives its decoder
+    blocks the rate only as the attention's proj_drop (their MLPs get 0)."""
+    model = small(dropout=0.5)
+    active = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    assert active == {f"decoder_blocks.{i}.attn.drop" for i in range(SMALL["depth"])}
+    assert all(m.p == 0.5 for n, m in model.named_modules() if n in active)
+    # In training mode the encoder (every skip the decoder sees) is deterministic.
+    model.train()
+    x, t, y = inputs()
+    first = Encoder.forward(model, x, t, cls_cond=model.class_embed(y))
+    assert torch.equal(first, Encoder.forward(model, x, t, cls_cond=model.class_embed(y)))
+    # The pre-training encoder keeps dropout in every block (the reference's RCMViT gets drop).
+    pre = PretrainEncoder(image_size=16, patch_size=4, dim=32, depth=2, heads=2, dropout=0.5)
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in pre.modules()) == 2 * 2
+
+
+def test_fresh_epg_init_is_whole_matrix_xavier():
+    """A fresh EPG model (no init.encoder): every linear layer, encoder qkv included, is xavier
+    over its whole matrix (qkv [3D, D]: bound sqrt(6 / (D + 3D))); adaLN and `out` zero."""
+    model = EPG(16, 4, 64, 2, 2, 96, 2, num_classes=10)
+    zero = {"out"} | {f"decoder_blocks.{i}.adaLN_modulation.1" for i in range(2)}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if name in zero:
+            assert torch.all(m.weight == 0) and torch.all(m.bias == 0), name
+            continue
+        fan_out, fan_in = m.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        top = m.weight.abs().max().item()
+        assert 0.97 * bound < top <= bound, (name, top, bound)
+        assert m.bias is None or torch.all(m.bias == 0)
+    assert math.sqrt(6 / (64 + 3 * 64)) < math.sqrt(6 / (2 * 64))  # the per-q/k/v bound is wider
+    pw = model.patch_embed.proj.weight  # the encoder's own init: xavier with fan_in 3 p p
+    assert pw.abs().max().item() <= math.sqrt(6 / (3 * 4 * 4 + 64))

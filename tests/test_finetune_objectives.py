@@ -1,7 +1,7 @@
 """The fine-tuning objectives (spec section 4): grid snapping and weights against numpy, the
 `denoise` and `consistency` losses against the formulas recomputed here from the same
 generator draws (the network is called here, all other arithmetic is numpy), label dropout,
-the ECT stage schedule, the stop-gradient target and the optional perceptual term."""
+the ECT round schedule, the stop-gradient target and the optional perceptual term."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from epg_fast.models.epg import EPG
-from epg_fast.objectives.consistency import consistency_loss, ect_r, ect_stage
+from epg_fast.objectives.consistency import consistency_loss, ect_r, ect_round
 from epg_fast.objectives.denoise import denoise_loss, drop_labels, grid_weights, snap_to_grid
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
@@ -43,8 +43,8 @@ def edm_np(x_t, F, t):
     return c_skip * x_t + c_out * F
 
 
-def ect_r_np(t, stage, q, k, b):
-    return np.maximum(t * (1 - q ** (-float(stage)) * (1 + k / (1 + np.exp(b * t)))), SIGMA_MIN)
+def ect_r_np(t, ect_round, q, k, b):
+    return np.maximum(t * (1 - q ** (-float(ect_round)) * (1 + k / (1 + np.exp(b * t)))), SIGMA_MIN)
 
 
 def nce_np(u, v, tau):
@@ -199,16 +199,17 @@ def test_label_dropout_rate_and_label():
 # consistency
 
 
-def test_ect_stage_schedule_and_pairs():
-    assert [ect_stage(s, 100) for s in (0, 99, 100, 250, 1000)] == [0, 0, 1, 2, 10]
-    assert ect_stage(99, 100, stage_offset=1) == 1 and ect_stage(100, 100, stage_offset=1) == 2
+def test_ect_round_schedule_and_pairs():
+    # The reference's rule with d0 = d1 = d: delta while step <= d, then (step - (d0 - d1)) // d1 + delta.
+    assert [ect_round(s, 100) for s in (0, 99, 100, 101, 199, 200, 250, 1000)] == [0, 0, 0, 1, 1, 2, 2, 10]
+    assert ect_round(100, 100, round_offset=1) == 1 and ect_round(101, 100, round_offset=1) == 2
     t = torch.exp(torch.linspace(math.log(SIGMA_MIN), math.log(SIGMA_MAX), 200, dtype=torch.float64))
     q, k, b = 4.0, 8.0, 1.0
-    assert torch.all(ect_r(t, 0, q, k, b) == SIGMA_MIN)  # stage 0: every partner is sigma_min
+    assert torch.all(ect_r(t, 0, q, k, b) == SIGMA_MIN)  # round 0: every partner is sigma_min
     gaps = []
-    for stage in range(1, 8):
-        r = ect_r(t, stage, q, k, b)
-        np.testing.assert_allclose(r.numpy(), ect_r_np(t.numpy(), stage, q, k, b), rtol=1e-12)
+    for rnd in range(1, 8):
+        r = ect_r(t, rnd, q, k, b)
+        np.testing.assert_allclose(r.numpy(), ect_r_np(t.numpy(), rnd, q, k, b), rtol=1e-12)
         assert torch.all(r >= SIGMA_MIN) and torch.all(r[1:] < t[1:])  # t[0] = sigma_min = r
         gaps.append(((t - r) / t)[t > 1].max().item())
     assert all(a > c for a, c in zip(gaps, gaps[1:])) and gaps[-1] < 1e-3  # r -> t
@@ -217,11 +218,11 @@ def test_ect_stage_schedule_and_pairs():
 def consistency_expected(model, x, y, *, seed, step, d, p_mean, p_std, q, k, b, c, p_drop):
     """(loss, per-sample pieces) recomputed from the redrawn randomness; the model is only
     called for F, everything else is numpy."""
-    stage = step // d
+    rnd = step // d if step > d else 0
     u, z, e = redraw(seed, B, x.shape)
     y_used = torch.tensor(np.where(u < p_drop, NUM_CLASSES, y.numpy()))
     t_u = np.maximum(np.exp(p_mean + p_std * z), SIGMA_MIN)
-    r_u = ect_r_np(t_u, stage, q, k, b)
+    r_u = ect_r_np(t_u, rnd, q, k, b)
     t, r = SHIFT * t_u, SHIFT * r_u
     xn, en = x.double().numpy(), e.double().numpy()
     x_t, x_r = xn + t[:, None, None, None] * en, xn + r[:, None, None, None] * en
@@ -231,7 +232,7 @@ def consistency_expected(model, x, y, *, seed, step, d, p_mean, p_std, q, k, b, 
             F = model(torch.tensor(x_in, dtype=torch.float32), torch.tensor(level, dtype=torch.float32), y_used)
         return edm_np(x_in, F.double().numpy(), level)
 
-    target = xn if stage == 0 else D(x_r, r)
+    target = xn if rnd == 0 else D(x_r, r)
     d2 = ((D(x_t, t) - target) ** 2).reshape(B, -1).sum(axis=1)
     w = np.where(t > r, 1 / np.where(t > r, t - r, 1), 0)
     return np.mean(w * d2 / np.sqrt(d2 + c**2)), dict(t=t, r=r, w=w, d2=d2, D_t=D(x_t, t), y=y_used)
@@ -240,20 +241,20 @@ def consistency_expected(model, x, y, *, seed, step, d, p_mean, p_std, q, k, b, 
 ECT = dict(p_mean=-1.1, p_std=2.0, q=4.0, k=8.0, b=1.0)
 
 
-@pytest.mark.parametrize("step", [250, 30])  # stage 2, and stage 0 (the warm-up)
+@pytest.mark.parametrize("step", [250, 30])  # ECT round 2, and round 0 (the warm-up)
 def test_consistency_loss_matches_formula(step):
     model, (x, y) = Recorder(tiny_model()), data()
     loss, metrics = consistency_loss(
         model, x, y, step=step, image_size=R, generator=torch.Generator().manual_seed(11), num_classes=NUM_CLASSES,
-        stage_steps=100, huber_c=0.08, label_dropout=0.5, **ECT,
+        round_steps=100, huber_c=0.08, label_dropout=0.5, **ECT,
     )
     expected, parts = consistency_expected(model.model, x, y, seed=11, step=step, d=100, c=0.08, p_drop=0.5, **ECT)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert metrics["stage"].item() == step // 100
+    assert metrics["ect_round"].item() == step // 100
     assert metrics["t"].item() == pytest.approx(parts["t"].mean(), rel=1e-6)
     assert metrics["t_minus_r"].item() == pytest.approx((parts["t"] - parts["r"]).mean(), rel=1e-6)
     assert metrics["d2"].item() == pytest.approx(parts["d2"].mean(), rel=1e-5)
-    # the online pass sees t with grad; the target pass (stage > 0 only) sees r without
+    # the online pass sees t with grad; the target pass (round > 0 only) sees r without
     assert 0 < (parts["y"] == NUM_CLASSES).sum() < B
     online, *target = model.calls
     np.testing.assert_allclose(online[1].numpy(), parts["t"], rtol=1e-6)
@@ -273,7 +274,7 @@ def test_consistency_equal_levels_get_zero_weight():
     model, (x, y) = tiny_model(), data()
     # every t clamps to sigma_min, so r = t: weight 0, a finite zero loss
     loss, metrics = consistency_loss(model, x, y, step=500, image_size=R, generator=torch.Generator().manual_seed(0),
-                                     num_classes=NUM_CLASSES, stage_steps=100, p_mean=-30.0, p_std=0.1)
+                                     num_classes=NUM_CLASSES, round_steps=100, p_mean=-30.0, p_std=0.1)
     assert metrics["weight"].item() == 0 and loss.item() == 0
     assert metrics["t"].item() == pytest.approx(SHIFT * SIGMA_MIN) and metrics["t_minus_r"].item() == 0
 
@@ -294,8 +295,8 @@ def test_consistency_target_pass_repeats_the_online_randomness():
 
     model, (x, y) = Dropout(tiny_model()), data()
     torch.manual_seed(123)
-    consistency_loss(model, x, y, step=100, image_size=R, generator=torch.Generator().manual_seed(0),
-                     num_classes=NUM_CLASSES, stage_steps=100)
+    consistency_loss(model, x, y, step=150, image_size=R, generator=torch.Generator().manual_seed(0),
+                     num_classes=NUM_CLASSES, round_steps=100)
     online, target = model.masks
     assert torch.equal(online, target) and 0.3 < online.mean() < 0.7
 
@@ -308,7 +309,7 @@ def grads(model, loss):
 
 def test_consistency_gradient_skips_the_target_branch():
     model, (x, y) = tiny_model(), data()
-    kw = dict(step=150, image_size=R, num_classes=NUM_CLASSES, stage_steps=100, huber_c=0.08, label_dropout=0.1)
+    kw = dict(step=150, image_size=R, num_classes=NUM_CLASSES, round_steps=100, huber_c=0.08, label_dropout=0.1)
     loss, _ = consistency_loss(model, x, y, generator=torch.Generator().manual_seed(5), **kw)
     got = grads(model, loss)
 
@@ -351,7 +352,7 @@ def test_consistency_perceptual_term():
         grad_modes.append(torch.is_grad_enabled())
         return img.flatten(1).double() @ projection
 
-    kw = dict(image_size=R, num_classes=NUM_CLASSES, stage_steps=100, huber_c=0.08, label_dropout=0.1)
+    kw = dict(image_size=R, num_classes=NUM_CLASSES, round_steps=100, huber_c=0.08, label_dropout=0.1)
 
     def run(step, perceptual):
         generator = torch.Generator().manual_seed(9)
@@ -366,5 +367,44 @@ def test_consistency_perceptual_term():
     assert with_term.item() - base.item() == pytest.approx(0.5 * term.mean(), rel=1e-4)
     assert metrics["perceptual"].item() == pytest.approx(term.mean(), rel=1e-4)
     assert run(120, (features, 0.0))[0].item() == pytest.approx(base.item(), rel=1e-7)
-    # off during the stage-0 warm-up, as the reference
+    # off during the round-0 warm-up, as the reference
     assert run(30, (features, 0.5))[0].item() == pytest.approx(run(30, None)[0].item(), rel=1e-7)
+
+
+def test_perceptual_feature_is_the_projector_output_with_running_statistics():
+    """The consistency stage's perceptual feature (stages.perceptual_features) is the
+    pre-training network's projector output z at t = s sigma_min, its BatchNorm layers in eval
+    mode with the checkpoint's running statistics (the reference's forward_features), written
+    out here from BatchNorm's definition."""
+    from epg_fast.stages import load_config
+    from epg_fast.models.encoder import PretrainEncoder
+    from epg_fast.ops import Ops
+    from epg_fast.stages.finetune import perceptual_features
+
+    cfg = load_config("configs/consistency/demo.yaml", ["consistency.perceptual_weight=1.0"])
+    m = cfg.model
+    torch.manual_seed(5)
+    net = PretrainEncoder(proj_hidden=64, proj_dim=16, image_size=m.image_size, patch_size=m.patch_size,
+                          dim=m.dim, depth=m.depth, heads=m.heads)
+    with torch.no_grad():  # a checkpoint's non-trivial statistics and affine parameters
+        for i in (1, 4):
+            bn = net.projection_head[i]
+            bn.running_mean.normal_(std=0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_(1.0, 0.2), bn.bias.normal_(std=0.2)
+    features = perceptual_features(cfg, net.state_dict(), torch.device("cpu"), Ops())
+    images = torch.randn(5, 3, m.image_size, m.image_size)
+    got = features(images)
+
+    t0 = m.image_size / 64 * SIGMA_MIN
+    ph = {k: v.double() for k, v in net.projection_head.state_dict().items() if v.is_floating_point()}
+
+    def bn_eval(u, i):
+        return (u - ph[f"{i}.running_mean"]) / torch.sqrt(ph[f"{i}.running_var"] + 1e-5) * ph[f"{i}.weight"] + ph[f"{i}.bias"]
+
+    with torch.no_grad():
+        h = net.features(images, torch.full((5,), t0)).double()
+    u = torch.relu(bn_eval(h @ ph["0.weight"].T, 1))
+    u = torch.relu(bn_eval(u @ ph["3.weight"].T, 4))
+    want = u @ ph["6.weight"].T
+    assert got.shape == (5, 16)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

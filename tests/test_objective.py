@@ -126,3 +126,71 @@ def test_detach_variant_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class TwoProjections(torch.nn.Module):
+    """The online network as it was before the b/b' projector passes: z for the projected
+    views only (PretrainEncoder.forward with project_rest forced off)."""
+
+    def __init__(self, net: PretrainEncoder) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_t, t, views=1, projected=1, project_rest=False):
+        return self.net(x_t, t, views, projected)
+
+
+def _bn_running_stats(online: PretrainEncoder, inputs: list, momentum: float = 0.1) -> list:
+    """The reference's projector BatchNorm running statistics after its four projector calls
+    (a1, a2, b, b' in this order, each a separate training-mode batch), written out in
+    float64 from BatchNorm's definition: batch mean / biased variance normalise, the running
+    mean / unbiased variance move by `momentum` from (0, 1)."""
+    ph = online.projection_head
+    lin0, bn1, lin3, bn4 = (m.weight.detach().double() for m in (ph[0], ph[1], ph[3], ph[4]))
+    b1, b4 = ph[1].bias.detach().double(), ph[4].bias.detach().double()
+    state = {1: [torch.zeros(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64)],
+             4: [torch.zeros(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64)]}
+
+    def bn(u, gamma, beta, idx):
+        mean, var = u.mean(0), u.var(0, unbiased=False)
+        n = u.shape[0]
+        rm, rv = state[idx]
+        state[idx] = [(1 - momentum) * rm + momentum * mean, (1 - momentum) * rv + momentum * var * n / (n - 1)]
+        return (u - mean) / torch.sqrt(var + 1e-5) * gamma + beta
+
+    with torch.no_grad():
+        for x_t, t in inputs:
+            h = online.features(x_t, torch.full((x_t.shape[0],), t)).double()
+            u = torch.relu(bn(h @ lin0.T, bn1, b1, 1))
+            bn(u @ lin3.T, bn4, b4, 4)
+    return [*state[1], *state[4]]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "detach"])
+def test_online_projector_statistics_see_all_four_inputs(mode):
+    """As the reference, the online projector runs on a1, a2, b and b' every step (four
+    BatchNorm updates, in this order); the loss and gradients are bit-identical to projecting
+    only a1 and a2."""
+    online, target = _nets()
+    two = TwoProjections(PretrainEncoder(image_size=16, patch_size=4, dim=32, depth=2, heads=2,
+                                         proj_hidden=64, proj_dim=16).train())
+    two.net.load_state_dict(online.state_dict())
+    torch.manual_seed(1)
+    x, y1, y2, e = (torch.randn(6, 3, 16, 16) for _ in range(4))
+    lv = levels(7, 21, 16)
+    with torch.no_grad():
+        want = _bn_running_stats(two.net, [(y1 + lv.t0 * e, lv.t0), (y2 + lv.t0 * e, lv.t0),
+                                           (x + lv.t_n * e, lv.t_n), (x + lv.t_next * e, lv.t_next)])
+    results = []
+    for net in (online, two):
+        loss, _ = pretrain_loss(net, target, x, y1, y2, e, lv, consistency_target=mode)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    ph = online.projection_head
+    got = [ph[1].running_mean, ph[1].running_var, ph[4].running_mean, ph[4].running_var]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+    assert int(ph[1].num_batches_tracked) == int(ph[4].num_batches_tracked) == 4
+    assert int(two.net.projection_head[1].num_batches_tracked) == 2  # the old behaviour: a1, a2 only

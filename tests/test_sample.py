@@ -5,6 +5,7 @@ NFE counts depend only on the levels, so they run on a stub network that records
 (at 256 px, in milliseconds); images come from a tiny EPG with randomised weights.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from epg_fast.sample import (
     choose_labels,
     clamp_bounds,
     generate,
+    heun,
     load_generator,
     main,
     sampling_levels,
@@ -282,6 +284,11 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert labels.dtype == np.int64 and labels.tolist() == choose_labels("random", 5, 10, seed=3).tolist()
     assert Image.open(tmp_path / "out" / "grid.png").size == (3 * 16, 2 * 16)
     assert "NFE per image: 14" in out and "images/s" in out  # heun, 4 levels, every level guided: 7 x 2
+    assert "4 levels, paper grid (then 0)" in out
+    rc, out, err = run_cli(capsys, folder, "--out", tmp_path / "ref", "--num", 1, "--steps", 4, "--guidance", 2.0,
+                           "--interval", "0,inf", "--device", "cpu", "--grid", "reference")
+    assert rc == 0, err  # 3 Heun steps, every level guided: 6 x 2, and the grid it used
+    assert "NFE per image: 12" in out and "4 levels, reference grid (ending at s*sigma_min = 0.0005)" in out
 
     # The same images as generate() with the EMA weights, and other ones from the online weights.
     model, info = load_generator(folder)
@@ -370,3 +377,63 @@ def test_two_ranks_write_the_same_file_as_one(tmp_path, capsys):
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / "grid.png")),
                           np.asarray(Image.open(tmp_path / "two" / "grid.png")))
+
+
+# ---------------------------------------------------------------------------------------
+# The reference implementation's grid (issue 10, item 9)
+
+
+def test_reference_grid_ends_at_shifted_sigma_min_without_zero():
+    rho, lo, hi = 7.0, 0.002 ** (1 / 7), 80 ** (1 / 7)
+    want = [4 * (hi + i / 31 * (lo - hi)) ** rho for i in range(32)]
+    got = sampling_levels(32, 256, "reference")
+    assert got == pytest.approx(want, rel=1e-12) and got[-1] == pytest.approx(4 * 0.002)
+    assert sampling_levels(32, 256, "paper") == pytest.approx(want + [0.0], rel=1e-12)
+
+
+def test_reference_grid_heun_is_the_references_74_nfe():
+    """31 Heun steps (the last one too: it ends at s sigma_min, not 0) = 62, plus the 6 guided
+    levels, each evaluated twice by Heun: 74, the reference's count."""
+    stub = Stub()
+    _, nfe = generate(stub, torch.tensor([207]), sampler="heun", steps=32, guidance=2.5, grid="reference")
+    assert nfe == 74 and sum(2 if batch == 2 else 1 for batch, _, _ in stub.calls) == 74
+    assert min(t for _, t, _ in stub.calls) == pytest.approx(4 * 0.002)
+
+
+def _analytic(x, t):
+    """A smooth stand-in denoiser (the exact D of data N(0, 0.25 I))."""
+    return x * 0.25 / (0.25 + t * t)
+
+
+def _reference_edm(x, sigmas, churn, noises):
+    """Karras Algorithm 2 as the reference's stochastic sampler runs it, written out: gamma =
+    min(S_churn / len(sigmas), sqrt 2 - 1) inside [S_min, S_max], Heun except on the last step."""
+    n = len(sigmas)
+    for i in range(n - 1):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        gamma = min(churn.amount / n, math.sqrt(2) - 1) if churn.t_min <= t <= churn.t_max else 0.0
+        t_hat = t + gamma * t
+        x_hat = x + math.sqrt(t_hat**2 - t**2) * churn.noise * noises[i]
+        d = (x_hat - _analytic(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if i < n - 2:
+            d2 = (x - _analytic(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
+    return x
+
+
+def test_reference_grid_edm_sampler_matches_algorithm_2_with_a_last_euler_step():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    churn = Churn(10.0, 0.05, 50.0, 1.003)  # gamma 10/8 capped at sqrt 2 - 1 on [0.05, 50]
+    levels = sampling_levels(8, 256, "reference")
+    noises = [torch.randn_like(x0) for _ in range(len(levels))]
+    # our sampler draws only where it churns; hand it the reference's per-step draws in order
+    churned = [i for i, t in enumerate(levels[:-1]) if churn.t_min <= t <= churn.t_max]
+    draws = iter([noises[i] for i in churned])
+    got = heun(_analytic, x0 * levels[0], levels, churn, lambda: next(draws))
+    want = _reference_edm(x0 * levels[0], levels, churn, noises)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the deterministic Heun sampler on the reference grid corrects every step, the last too
+    plain = heun(_analytic, x0 * levels[0], levels)
+    assert not torch.allclose(plain, _reference_edm(x0 * levels[0], levels, Churn(0, 0, 0, 1), noises))

@@ -221,14 +221,6 @@ def test_deepspeed_config_mapping():
     assert not deepspeed_config(cfg, world=4, precision="bf16")["fp16"]["enabled"]  # bf16 = autocast
 
 
-def test_warmup_cosine_schedule():
-    from epg_fast.train import warmup_cosine
-
-    f = warmup_cosine(10, 110)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0) and f(500) == pytest.approx(0.0)
-
-
 @pytest.mark.parametrize("override,message", [
     ("data.root=/nonexistent/imagenet", "data error: data root does not exist: /nonexistent/imagenet"),
     ("train.resume=/nonexistent/step_00000010", "is not a completed checkpoint folder"),

@@ -228,18 +228,35 @@ class PretrainEncoder(nn.Module):
         """h: the normalised (first) cls feature, [B, D]."""
         return self.encoder.norm(self.encoder(x_t, t)[:, :1])[:, 0]
 
-    def forward(self, x_t: Tensor, t: Tensor, views: int = 1, projected: int = 1) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x_t: Tensor, t: Tensor, views: int = 1, projected: int = 1, project_rest: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Returns (z, h) for `views` views stacked along the batch.
 
         The encoder runs once over all views (one large GEMM per layer instead of one per
         view; it has no cross-sample op, so this is exact). h is returned for every view, z
         for the first `projected` views, each projected separately so that BatchNorm sees
         one view's statistics, as in the reference's separate calls.
+
+        project_rest: the remaining views pass through the projector too, in order, without
+        gradient and with their z thrown away. In training mode that advances the BatchNorm
+        running statistics once per view, as the reference's projector runs on every input it
+        encodes (the consistency fine-tuning's perceptual feature reads these statistics).
         """
         h = self.features(x_t, t)
-        chunks = h.chunk(views)[:projected]
-        z = torch.cat([self.projection_head(c) for c in chunks]) if chunks else h[:0]
+        chunks = h.chunk(views)
+        z = torch.cat([self.projection_head(c) for c in chunks[:projected]]) if projected else h[:0]
+        if project_rest:
+            with torch.no_grad():
+                for c in chunks[projected:]:
+                    self.projection_head(c)
         return z, h
+
+    def perceptual_features(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """z of one view with the projector's BatchNorm as the module's mode has it (eval:
+        the running statistics), the reference's `forward_features`: the consistency
+        fine-tuning's perceptual feature."""
+        return self.projection_head(self.features(x_t, t))
 
 
 def build_pretrain_encoder(model_cfg, ops: Ops | None = None) -> PretrainEncoder:

@@ -53,7 +53,8 @@ class DecoderBlock(nn.Module):
     """Skip connection (concat, Linear, LN), then an adaLN-Zero transformer block.
 
     Unlike DiT the block LayerNorms keep their own weight and bias; the modulation acts on
-    top of them: LN(x) * (1 + scale) + shift.
+    top of them: LN(x) * (1 + scale) + shift. `dropout` acts only on the attention's output
+    projection (the reference's decoder proj_drop); the MLP has none.
     """
 
     def __init__(
@@ -66,7 +67,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = LayerNorm(dim, ops=ops)
         self.attn = Attention(dim, heads, dropout, ops=ops)
         self.norm2 = LayerNorm(dim, ops=ops)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
         # The condition c has the encoder's width; index 1 is the reference's adaLN_modulation.1.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(encoder_dim, 6 * dim))
 
@@ -86,6 +87,8 @@ class EPG(Encoder):
 
     x_t: noisy images [B, 3, R, R]; t: shifted noise levels [B]; y: class labels [B] in
     0..num_classes, where num_classes is the "no class" label of classifier-free guidance.
+    `dropout` is the decoder attention's output dropout, the only one in the model (the
+    reference builds the fine-tuned encoder without dropout and the decoder MLPs with none).
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class EPG(Encoder):
         dropout: float = 0.0,
         ops: Ops | None = None,
     ) -> None:
-        super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens, dropout, ops)
+        super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens, dropout=0.0, ops=ops)
         self.image_size, self.num_classes = image_size, num_classes
         self.class_embed = nn.Embedding(num_classes + 1, dim)  # last row: "no class"
         self.encoder_to_decoder = nn.Linear(dim, decoder_dim) if decoder_dim != dim else nn.Identity()
@@ -112,17 +115,19 @@ class EPG(Encoder):
         )
         self.out_norm = LayerNorm(decoder_dim, ops=self.ops)
         self.out = nn.Linear(decoder_dim, patch_size * patch_size * 3)
-        self._init_decoder()
+        self._init_epg()
 
-    def _init_decoder(self) -> None:
-        """Encoder.__init__ has initialised the encoder; this initialises the rest."""
-        for module in (self.encoder_to_decoder, self.decoder_blocks, self.out):
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    # Whole-matrix xavier, qkv included (as the reference's decoder init).
-                    nn.init.xavier_uniform_(m.weight)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
+    def _init_epg(self) -> None:
+        """As the reference's fresh EPG model: after the encoder's own initialisation, EVERY
+        linear layer, the encoder's included, is re-drawn with xavier over its whole matrix
+        (qkv as one [3D, D] matrix: bound sqrt(6 / (D + 3D)), where the pre-training encoder
+        uses sqrt(6 / 2D) per q/k/v); the patch embedding, cls token and position embedding
+        keep the encoder's initialisation. Then the zero-inits and the class embedding."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         # adaLN-Zero: every gate starts at 0, so each decoder block starts as its skip + LN.
         for block in self.decoder_blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)

@@ -67,9 +67,12 @@ def pretrain_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss = mean over the batch of Lc + Lrc, with one shared noise tensor for all inputs.
 
-    online(x_t, t, views, projected) -> (z, h) as PretrainEncoder.forward. The online pass
-    stacks [a1, a2, b] (and b' when consistency_target="detach", which is what the reference
-    pays: a graph built and then thrown away); the target pass stacks [a2, a1].
+    online(x_t, t, views, projected, project_rest) -> (z, h) as PretrainEncoder.forward. The
+    online pass stacks [a1, a2, b] (and b' when consistency_target="detach", which is what the
+    reference pays: a graph built and then thrown away); the target pass stacks [a2, a1].
+    The online projector runs on a1, a2, b, b' in this order, as the reference's four calls,
+    so its BatchNorm running statistics take four updates per step; only z(a1) and z(a2)
+    enter the loss (b and b' are projected without gradient).
     """
     B = x.shape[0]
     a1, a2 = y1 + lv.t0 * noise, y2 + lv.t0 * noise
@@ -79,13 +82,13 @@ def pretrain_loss(
         return torch.tensor(ts, device=x.device, dtype=torch.float32).repeat_interleave(B)
 
     if consistency_target == "detach":
-        z, h = online(torch.cat([a1, a2, b, b_next]), levels_for(lv.t0, lv.t0, lv.t_n, lv.t_next), 4, 2)
+        z, h = online(torch.cat([a1, a2, b, b_next]), levels_for(lv.t0, lv.t0, lv.t_n, lv.t_next), 4, 2, True)
         h_b, h_next = h[2 * B : 3 * B], h[3 * B :].detach()
     elif consistency_target == "no_grad":
-        z, h = online(torch.cat([a1, a2, b]), levels_for(lv.t0, lv.t0, lv.t_n), 3, 2)
+        z, h = online(torch.cat([a1, a2, b]), levels_for(lv.t0, lv.t0, lv.t_n), 3, 2, True)
         h_b = h[2 * B :]
         with torch.no_grad():
-            _, h_next = online(b_next, levels_for(lv.t_next), 1, 0)
+            _, h_next = online(b_next, levels_for(lv.t_next), 1, 0, True)
     else:
         raise ValueError(f"consistency_target must be 'no_grad' or 'detach', got {consistency_target!r}")
     with torch.no_grad():

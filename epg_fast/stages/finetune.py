@@ -161,8 +161,8 @@ class ConsistencyStage(FinetuneStage):
         c = cfg.consistency
         if c.perceptual_weight > 0 and not cfg.init.encoder:
             raise ConfigError("consistency.perceptual_weight > 0 needs init.encoder (the frozen feature network)")
-        if c.stage_steps <= 0 or c.huber_c <= 0:
-            raise ConfigError("consistency.stage_steps and consistency.huber_c must be > 0")
+        if c.round_steps <= 0 or c.huber_c <= 0:
+            raise ConfigError("consistency.round_steps and consistency.huber_c must be > 0")
 
     def __init__(self, cfg: Config, device: torch.device, ops: Ops) -> None:
         super().__init__(cfg, device, ops)
@@ -174,14 +174,16 @@ class ConsistencyStage(FinetuneStage):
         c = self.cfg.consistency
         x = normalize(batch["x"], self.cfg.data.normalization)
         return consistency_loss(online, x, batch["label"], step=step, p_mean=c.p_mean, p_std=c.p_std, q=c.q, k=c.k,
-                                b=c.b, stage_steps=c.stage_steps, stage_offset=c.stage_offset, huber_c=c.huber_c,
+                                b=c.b, round_steps=c.round_steps, round_offset=c.round_offset, huber_c=c.huber_c,
                                 perceptual=self.perceptual, **self.common(gen))
 
 
 def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torch.device,
                         ops: Ops) -> Callable[[Tensor], Tensor]:
-    """The consistency stage's perceptual feature map: the frozen pre-trained encoder's
-    normalised cls feature h of an image seen at the cleanest level s * sigma_min."""
+    """The consistency stage's perceptual feature map, as the reference's (`forward_features`
+    of the pre-training model in eval mode): the frozen pre-trained network's projector output
+    z of an image seen at the cleanest level s * sigma_min, its BatchNorm layers normalising
+    with the checkpoint's running statistics."""
     m = cfg.model
     encoder = PretrainEncoder(
         proj_hidden=pretrained["projection_head.0.weight"].shape[0], proj_dim=pretrained["projection_head.6.weight"].shape[0],
@@ -193,6 +195,6 @@ def perceptual_features(cfg: Config, pretrained: dict[str, Tensor], device: torc
     t0 = schedule.resolution_shift(m.image_size) * schedule.SIGMA_MIN
 
     def features(images: Tensor) -> Tensor:
-        return encoder.features(images, torch.full((images.shape[0],), t0, device=images.device))
+        return encoder.perceptual_features(images, torch.full((images.shape[0],), t0, device=images.device))
 
     return features
