@@ -19,6 +19,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert "timings meaningless" in proc.stdout
     report = json.loads(out.read_text())
     assert report["meta"]["smoke"] is True
+    assert "apex baseline skipped" in report["meta"]["apex"]  # never installed here
     assert report["ops"] == {op: "ok" for op in OPS}
     rows = report["results"]
     assert not [r for r in rows if "error" in r]
