@@ -318,9 +318,10 @@ def _resident_programs(device: torch.device, num_warps: int) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: few programs, but still several chunks per sample in tests
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    # Register-bound: a thread keeps ~128 fp32 registers (up to five accumulators and the
-    # pipelined tiles), so an SM's 64K registers hold 16 // num_warps programs.
-    return sms * max(1, 16 // num_warps)
+    # Register-bound: sm_90 builds (triton 3.9, ptxas) use 123-174 registers per thread (up
+    # to five accumulators and the pipelined tiles); at 192 an SM's 64K registers hold
+    # 65536 // (num_warps * 32 * 192) programs: 1 at 8 or 16 warps, 2 at 4.
+    return sms * max(1, 65536 // (num_warps * 32 * 192))
 
 
 def _chunking(B: int, T: int, block_m: int, num_warps: int, device: torch.device) -> tuple[int, int]:
