@@ -5,7 +5,9 @@
 Ops, at the shapes of EPG-XL/16 at 256 px (batch 256, 258 tokens, bf16 activations):
 - LayerNorm of the encoder (D = 768, weight + bias) and AdaLN LayerNorm of the decoder
   (D = 1584, per-sample shift/scale), `layer_norm_triton` vs `layer_norm_reference` eager and
-  under `torch.compile`;
+  under `torch.compile`; the encoder's LN also vs NVIDIA apex's `FusedLayerNorm` (the classic
+  fast LayerNorm) where apex is importable (NGC containers; never installed by us: without
+  it the report says the baseline was skipped), in bf16 like the activations;
 - gated AdaLN LayerNorm of the decoder, `gated_layer_norm_triton` (r = x + gate * h, then
   the modulated LN of r) vs its reference, eager and compiled;
 - patch embedding (3 x 256 x 256 images, p = 16, D = 768), `patch_embed_triton` vs
@@ -60,6 +62,15 @@ TARGETS = [
     ("ema", "update", "speedup", "loop", 10.0),
     ("ema", "update", "bandwidth", None, 0.80),
 ]
+
+def apex_layer_norm() -> tuple[type | None, str]:
+    """apex's FusedLayerNorm class (None when apex does not import) and a note for the report."""
+    try:
+        from apex.normalization import FusedLayerNorm
+    except Exception as e:  # ImportError, or an apex built without its CUDA extensions
+        return None, f"not importable ({type(e).__name__}): apex baseline skipped"
+    return FusedLayerNorm, "apex.normalization.FusedLayerNorm"
+
 
 class Missing(Exception):
     """The op's Triton function (or its reference) does not import yet."""
@@ -139,6 +150,20 @@ def _build_layer_norm(dev, smoke: bool, backend: str, adaln: bool) -> dict:
     dy = _rand(B, T, D, dev=dev, dtype=bf16)
     ref = layer_norm_reference
     comp = _compiled(ref, backend)
+    variants = {
+        "triton": lambda: layer_norm_triton(x, w, b, EPS, shift, scale),
+        "eager": lambda: ref(x, w, b, EPS, shift, scale),
+        "compile": lambda: comp(x, w, b, EPS, shift, scale),
+    }
+    leaves = [t for t in (x, w, b, shift, scale) if t is not None]
+    apex_ln, _ = apex_layer_norm()
+    if apex_ln is not None and not adaln and dev.type == "cuda":
+        apex_mod = apex_ln(D, eps=EPS).to(dev, bf16)  # weights in the activation dtype: apex's plain path
+        with torch.no_grad():
+            apex_mod.weight.copy_(w)
+            apex_mod.bias.copy_(b)
+        variants["apex"] = lambda: apex_mod(x)
+        leaves += [apex_mod.weight, apex_mod.bias]
     # fwd: read x (+ weight, bias, shift, scale), write y.
     # bwd: read dy, x (saved), weight, scale; write dx, dweight, dbias, dshift, dscale.
     fwd = nbytes(x, w, b, shift, scale) + nbytes(x)
@@ -147,12 +172,8 @@ def _build_layer_norm(dev, smoke: bool, backend: str, adaln: bool) -> dict:
         title="AdaLN LayerNorm (decoder)" if adaln else "LayerNorm (encoder)",
         shape=f"[{B}, {T}, {D}] bf16" + (", shift/scale [B, D]" if adaln else ""),
         modes={"fwd": fwd, "fwd+bwd": fwd + bwd},
-        variants={
-            "triton": lambda: layer_norm_triton(x, w, b, EPS, shift, scale),
-            "eager": lambda: ref(x, w, b, EPS, shift, scale),
-            "compile": lambda: comp(x, w, b, EPS, shift, scale),
-        },
-        leaves=[t for t in (x, w, b, shift, scale) if t is not None],
+        variants=variants,
+        leaves=leaves,
         grads=(dy,),
     )
 
@@ -428,7 +449,7 @@ def evaluate_targets(rows: list[dict], ops: dict[str, str], judged: bool) -> lis
 
 def render_markdown(meta: dict, rows: list[dict], ops: dict[str, str], targets: list[dict]) -> str:
     lines = [f"# Kernel benchmarks — {meta['label']}", ""]
-    for k in ("device", "torch", "triton", "date", "git_commit", "copy_bandwidth", "timing", "compile_backend"):
+    for k in ("device", "torch", "triton", "date", "git_commit", "copy_bandwidth", "timing", "compile_backend", "apex"):
         lines.append(f"- **{k.replace('_', ' ')}**: {meta[k]}")
     lines += [
         "",
@@ -529,6 +550,7 @@ def main(argv=None) -> int:
         copy_gbps=copy_gbps,
         timing=timing,
         compile_backend=args.compile_backend,
+        apex=apex_layer_norm()[1] if cuda else "not on CPU: apex baseline skipped",
         smoke=args.smoke,
     )
     print(f"# {label}\n# device {device_name}; copy bandwidth {copy_gbps:.0f} GB/s", flush=True)

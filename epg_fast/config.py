@@ -69,7 +69,7 @@ class ModelConfig:
     dropout: float = 0.0
     proj_hidden: int = 4096  # projector hidden width (spec: 4096)
     proj_dim: int = 256  # projector output width
-    attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa"))
+    attention: str = field(default="auto", metadata=_choices("auto", "flash", "sdpa", "cudnn", "efficient", "math"))
     # Fused Triton kernels: "auto" = on CUDA tensors, "triton" = always (CPU needs
     # TRITON_INTERPRET=1), "reference" = PyTorch ops. EPG_KERNELS in the environment wins.
     kernels: str = field(default="auto", metadata=_choices("auto", "triton", "reference"))

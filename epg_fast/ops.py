@@ -1,8 +1,8 @@
 """The dispatch seam between the model and its kernels.
 
 Every memory-bound op around the matrix multiplies goes through one method of an `Ops`:
-layer_norm (plain or AdaLN-modulated), gated_layer_norm (the decoder's gated residual + AdaLN
-LayerNorm), patch_embed, attention and ema_update. A model receives its `Ops` at
+layer_norm (plain or AdaLN-modulated), gated_layer_norm (a residual update, gated in the
+decoder, fused with the next LayerNorm), patch_embed, attention and ema_update. A model receives its `Ops` at
 construction and never asks which device or kernel path it runs on; the `Ops` decides, per
 call, from its kernel mode and the tensors' device:
 
@@ -16,6 +16,11 @@ The trainer builds its `Ops` once with `Ops.from_config` (model.kernels and mode
 with the environment variable EPG_KERNELS overriding the kernel mode: the one place that
 reads it). An `Ops` records the path each op took, logs it the first time and whenever it
 changes, and shows it through `paths()` (the start-up block, the benchmarks).
+
+Under autocast a LayerNorm whose output feeds a matrix multiply writes it in the autocast
+dtype directly (`autocast_dtype`, the one place that reads the autocast state for them):
+the matmul would cast it to that dtype anyway, so the values are the same and the bytes
+written and read again are half those of fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from epg_fast.kernels import ema as ema_kernels
 from epg_fast.kernels import layer_norm as ln_kernels
@@ -40,7 +46,13 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 KERNEL_MODES = ("auto", "triton", "reference")
-ATTENTION_MODES = ("auto", "flash", "sdpa")
+ATTENTION_MODES = ("auto", "flash", "sdpa", "cudnn", "efficient", "math")
+# model.attention modes that pin one backend of torch's scaled_dot_product_attention.
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's fused attention (Hopper: its own sm_90 kernels)
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,  # the memory-efficient (xFormers-derived) kernel
+    "math": SDPBackend.MATH,  # the unfused reference, any device
+}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -49,7 +61,7 @@ class Ops:
     """The kernel and attention modes of one model (or run), and the paths its ops took."""
 
     kernel_mode: str = "auto"  # model.kernels: see the module docstring
-    attention_mode: str = "auto"  # model.attention: flash-attn when importable and usable (`auto`), `flash`, `sdpa`
+    attention_mode: str = "auto"  # model.attention: see ATTENTION_MODES and `attention_backend`
     _taken: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,11 +103,18 @@ class Ops:
         return "reference"
 
     def attention_backend(self, device: torch.device, dtype: torch.dtype | None) -> str:
-        """The backend `attention` uses for tensors of this device and dtype."""
+        """The backend `attention` uses for tensors of this device and dtype: `flash-attn`,
+        `sdpa` (torch picks its kernel), or `sdpa-cudnn` / `sdpa-efficient` / `sdpa-math`
+        (one SDPA backend pinned). `auto` is flash-attn when importable and usable, else sdpa."""
+        mode = self.attention_mode
         flash_ok = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-        if self.attention_mode == "flash" and not flash_ok:
+        if mode == "flash" and not flash_ok:
             raise RuntimeError(f"flash-attn cannot run on {device.type} tensors of dtype {dtype}")
-        return "flash-attn" if flash_ok and self.attention_mode != "sdpa" else "sdpa"
+        if mode in ("cudnn", "efficient") and device.type != "cuda":
+            raise RuntimeError(f"model.attention={mode} needs CUDA tensors (a CUDA-only SDPA backend), got {device.type}")
+        if mode in SDPA_BACKENDS:
+            return f"sdpa-{mode}"
+        return "flash-attn" if flash_ok and mode != "sdpa" else "sdpa"
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Softmax attention with scale head_dim^-0.5. q, k, v: [B, T, H, hd] -> [B, T, H, hd]."""
@@ -103,28 +122,51 @@ class Ops:
         self._record("attention", backend)
         if backend == "flash-attn":
             return flash_attn_func(q, k, v)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # one backend pinned: torch raises if it cannot run these inputs, never falls back
+            with sdpa_kernel(SDPA_BACKENDS[self.attention_mode]):
+                out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2)
+
+    @staticmethod
+    def autocast_dtype(x: Tensor) -> torch.dtype | None:
+        """The dtype a matmul casts x to under autocast on x's device; None without autocast."""
+        device = x.device.type  # `meta` (FLOP counting) has no autocast state to ask
+        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        return torch.get_autocast_dtype(device) if on else None
 
     def layer_norm(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-        shift: Tensor | None = None, scale: Tensor | None = None,
+        shift: Tensor | None = None, scale: Tensor | None = None, *, feeds_matmul: bool = True,
     ) -> Tensor:
-        """LN(x) * (1 + scale) + shift with fp32 statistics; plain LayerNorm without shift/scale."""
+        """LN(x) * (1 + scale) + shift with fp32 statistics; plain LayerNorm without shift/scale.
+
+        The output has x's dtype, or under autocast the autocast dtype when it feeds a matmul
+        (feeds_matmul=False: a feature read in fp32, e.g. by a loss, keeps x's dtype)."""
         path = self.kernels_for(x.device)
         self._record("layer_norm" if shift is None and scale is None else "adaln_norm", path)
         fn = ln_kernels.layer_norm_triton if path == "triton" else ln_kernels.layer_norm_reference
-        return fn(x, weight, bias, eps, shift, scale)
+        return fn(x, weight, bias, eps, shift, scale, out_dtype=self.autocast_dtype(x) if feeds_matmul else None)
 
     def gated_layer_norm(
-        self, x: Tensor, gate: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+        self, x: Tensor, gate: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
         shift: Tensor | None = None, scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """r = x + gate * h and y = LN(r) * (1 + scale) + shift, in one pass: returns (r, y)."""
+        """r = x + gate * h (gate None: x + h) and y = LN(r) * (1 + scale) + shift, in one
+        pass: returns (r, y). r has x's dtype; y feeds a matmul (see `layer_norm`)."""
         path = self.kernels_for(x.device)
-        self._record("gated_adaln_norm", path)
+        self._record("residual_norm" if gate is None else "gated_adaln_norm", path)
         fn = ln_kernels.gated_layer_norm_triton if path == "triton" else ln_kernels.gated_layer_norm_reference
-        return fn(x, gate, h, weight, bias, eps, shift, scale)
+        return fn(x, gate, h, weight, bias, eps, shift, scale, out_dtype=self.autocast_dtype(x))
+
+    def cat_for_matmul(self, tensors: list[Tensor], dim: int = -1) -> Tensor:
+        """torch.cat of a matmul's input. Under autocast each piece is cast to the autocast
+        dtype first: the same values as concatenating (promoted to the widest dtype, fp32)
+        and letting the matmul cast the result, without writing and reading it in fp32."""
+        dtype = self.autocast_dtype(tensors[0])
+        return torch.cat(tensors if dtype is None else [t.to(dtype) for t in tensors], dim)
 
     def patch_embed(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, c_in: Tensor | None = None, pos: Tensor | None = None

@@ -8,11 +8,16 @@ The ops
   are ``[B, D]``, broadcast over the T tokens of each sample.
 - ``gated_layer_norm``: ``r = x + gate * h`` and ``y = LN(r) * (1 + scale) + shift``, returning
   ``(r, y)``: the decoder's gated residual update followed by the next block's modulated
-  LayerNorm. x, h: ``[B, T, D]``; gate, shift, scale: ``[B, D]``.
+  LayerNorm. x, h: ``[B, T, D]``; gate, shift, scale: ``[B, D]``. With gate None it is the
+  encoder's plain residual ``r = x + h`` followed by the next LayerNorm (then the rows are
+  one sample of B*T, chunked as the plain op).
 
 weight and bias are ``[D]`` or None. Inputs may be fp32, bf16 or fp16, and the operands may mix
 float dtypes (e.g. fp32 modulation with bf16 activations): everything is computed in fp32 and
-the mean/variance are fp32 whatever the input dtype (spec section 2). y (and r) have x's dtype.
+the mean/variance are fp32 whatever the input dtype (spec section 2). r has x's dtype; y has
+x's dtype or ``out_dtype`` when given (under autocast, the dtype of the matmul that reads y:
+the fp32 encoder stream is then read in fp32 and y written in bf16, the same values autocast
+would have produced by casting an fp32 y).
 In the gated op r is rounded to x's dtype *before* it is normalised, so the fused op equals
 the unfused ``r = x + gate * h; LN(r)`` on the stored residual. Each gradient has the dtype of
 its input.
@@ -22,7 +27,8 @@ Kernels
 Forward (one kernel for both ops): a program normalises a tile of ``BLOCK_M`` consecutive
 tokens of one sample, the whole row in registers (``BLOCK_D = next_power_of_2(D)``, padded
 columns masked), so x (and h) are read once and y (and r) written once; the per-sample
-shift/scale/gate vectors are loaded once per program. The grid is ``(token tiles, B)``; the
+shift/scale/gate vectors and the weights are loaded once per program, all issued before the
+row reductions. The grid is ``(token tiles, B)``; the
 plain op is the case B = 1, T = rows. It saves the fp32 mean and rstd of each row.
 
 Backward (one kernel for both ops): with ``xhat = (x - mean) * rstd`` and
@@ -35,13 +41,16 @@ B*T rows; ``dscale_b = sum_t dy * (xhat * weight + bias)``, ``dshift_b = sum_t d
 
 Reduction strategy (two-stage, deterministic, no atomics): the backward grid is
 ``(n_chunks, B)``; program (c, b) walks the tokens of chunk c of sample b tile by tile,
-accumulating its column partial sums in fp32 registers, and writes them once to an fp32
+accumulating its column partial sums in fp32 registers (a software-pipelined loop,
+``tl.range(num_stages=BWD_STAGES)``: every load of a tile, dr and h included, is issued
+before its row reductions, so the next tiles' loads overlap them), and writes them once to an fp32
 buffer ``[B * n_chunks, D]``. A torch ``.sum`` then finishes: over all rows of the buffer for
 dweight/dbias, over the n_chunks rows of each sample for dshift/dscale/dgate. Because no
 chunk straddles two samples, the per-sample sums need no segmented reduction. ``n_chunks``
-is picked so that the grid has about 4 programs per SM (enough to fill an H200 when B is
-small, while the partial buffers stay at a few hundred rows of D, negligible traffic next to
-the B*T*D activations). Atomic adds on one address per column would serialise thousands of
+is picked so that the grid is one wave of resident programs (the SM count times the
+programs an SM's registers hold, ``_resident_programs``), and one chunk per sample when B
+alone fills the device: the partial buffers stay at B to a few hundred rows of D,
+negligible traffic next to the B*T*D activations. Atomic adds on one address per column would serialise thousands of
 programs on the same D addresses and make the result order-dependent; the two-stage sum is
 both faster at these sizes and bitwise reproducible.
 
@@ -76,7 +85,9 @@ def layer_norm_reference(
     eps: float,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
+    """y = LN(x) * (1 + scale) + shift in fp32, stored in out_dtype (default: x's dtype)."""
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
     y = F.layer_norm(x.float(), x.shape[-1:], w, b, eps)
@@ -84,22 +95,25 @@ def layer_norm_reference(
         y = y * (1 + scale.float().unsqueeze(1))
     if shift is not None:
         y = y + shift.float().unsqueeze(1)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def gated_layer_norm_reference(
     x: Tensor,
-    gate: Tensor,
+    gate: Tensor | None,
     h: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """r = x + gate * h (computed in fp32, stored in x's dtype); y = LN(r) * (1 + scale) + shift."""
-    r = (x.float() + gate.float().unsqueeze(1) * h.float()).to(x.dtype)
-    return r, layer_norm_reference(r, weight, bias, eps, shift, scale)
+    """r = x + gate * h (gate None: x + h; computed in fp32, stored in x's dtype);
+    y = LN(r) * (1 + scale) + shift, stored in out_dtype (default: x's dtype)."""
+    branch = h.float() if gate is None else gate.float().unsqueeze(1) * h.float()
+    r = (x.float() + branch).to(x.dtype)
+    return r, layer_norm_reference(r, weight, bias, eps, shift, scale, out_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -109,7 +123,7 @@ def gated_layer_norm_reference(
 def _ln_fwd_kernel(
     X, H, GATE, R, Y, W, Bias, SHIFT, SCALE, MEAN, RSTD,
     T, D, eps,
-    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -124,11 +138,26 @@ def _ln_fwd_kernel(
     offs = rows[:, None] * D + cols[None, :]
     vec_offs = b.to(tl.int64) * D + cols  # into the per-sample [B, D] vectors
 
+    # Every load is issued before the first reduction, so the small vectors' latency hides
+    # behind the row loads instead of following the mean/variance.
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
         gate = tl.load(GATE + vec_offs, mask=col_ok, other=0.0).to(tl.float32)
-        x = x + gate[None, :] * h
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_B:
+        bb = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(SCALE + vec_offs, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(SHIFT + vec_offs, mask=col_ok, other=0.0).to(tl.float32)
+
+    if HAS_RES:
+        if HAS_GATE:
+            h = gate[None, :] * h
+        x = x + h
         # The residual stream is stored in x's dtype; normalise exactly what is stored.
         x_st = x.to(R.dtype.element_ty)
         tl.store(R + offs, x_st, mask=mask)
@@ -143,17 +172,14 @@ def _ln_fwd_kernel(
 
     y = diff * rstd[:, None]
     if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = y * w[None, :]
     if HAS_B:
-        bb = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = y + bb[None, :]
     if HAS_SCALE:
-        sc = tl.load(SCALE + vec_offs, mask=col_ok, other=0.0).to(tl.float32)
         y = y * (1.0 + sc[None, :])
     if HAS_SHIFT:
-        sh = tl.load(SHIFT + vec_offs, mask=col_ok, other=0.0).to(tl.float32)
         y = y + sh[None, :]
+    # Y may be narrower than X (the autocast dtype of the matmul that reads y).
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -162,11 +188,11 @@ def _ln_bwd_kernel(
     X, DY, DR, H, GATE, W, Bias, SCALE, MEAN, RSTD,
     DX, DH, PART_DW, PART_DB, PART_DSHIFT, PART_DSCALE, PART_DGATE,
     T, D, chunk_rows,
-    HAS_DY: tl.constexpr, HAS_RES: tl.constexpr, HAS_DR: tl.constexpr,
+    HAS_DY: tl.constexpr, HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DR: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DSHIFT: tl.constexpr,
     NEED_DSCALE: tl.constexpr, NEED_DGATE: tl.constexpr, NEED_DH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # X is the LayerNorm input (x for the plain op, r for the gated one).
     c = tl.program_id(0)
@@ -190,7 +216,7 @@ def _ln_bwd_kernel(
             bias = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_RES:
+    if HAS_GATE:
         gate = tl.load(GATE + vec_offs, mask=col_ok, other=0.0).to(tl.float32)
 
     acc_dw = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -200,19 +226,27 @@ def _ln_bwd_kernel(
     acc_dgate = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     t_start = c * chunk_rows
-    for i in range(0, chunk_rows, BLOCK_M):
+    # Software-pipelined: the next tiles' loads are issued while this tile is reduced.
+    for i in tl.range(0, chunk_rows, BLOCK_M, num_stages=NUM_STAGES):
         t = t_start + i + tl.arange(0, BLOCK_M)
         row_ok = t < T
         mask = row_ok[:, None] & col_ok[None, :]
         rows = b.to(tl.int64) * T + t
         offs = rows[:, None] * D + cols[None, :]
 
-        dtot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # Every load of the tile first (dr and h included), then the row reductions.
         if HAS_DY:
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        if HAS_DR:
+            dr = tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEED_DGATE:
+            h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+
+        dtot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if HAS_DY:
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
             dys = dy * s1[None, :]  # gradient w.r.t. the affine LN output
             g = dys * w[None, :]  # gradient w.r.t. xhat
@@ -229,14 +263,15 @@ def _ln_bwd_kernel(
             if NEED_DSCALE:
                 acc_dscale += dy * (xhat * w[None, :] + bias[None, :])
         if HAS_DR:
-            dtot += tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
+            dtot += dr
         tl.store(DX + offs, dtot.to(DX.dtype.element_ty), mask=mask)
-        if HAS_RES:
-            if NEED_DH:
-                tl.store(DH + offs, (dtot * gate[None, :]).to(DH.dtype.element_ty), mask=mask)
-            if NEED_DGATE:
-                h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-                acc_dgate += dtot * h
+        if NEED_DH:
+            dh = dtot
+            if HAS_GATE:
+                dh = dh * gate[None, :]
+            tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
+        if NEED_DGATE:
+            acc_dgate += dtot * h
 
     if NEED_DW:
         tl.store(PART_DW + part_offs, tl.sum(acc_dw, axis=0), mask=col_ok)
@@ -270,22 +305,32 @@ def _bwd_config(D: int) -> tuple[int, int, int]:
     return block_d, block_m, max(4, min(16, tile // 256))
 
 
+BWD_STAGES = 2  # depth of the backward's software pipeline over its row tiles
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 8  # the interpreter: few programs, but still several chunks per sample in tests
+def _resident_programs(device: torch.device, num_warps: int) -> int:
+    """How many backward programs the device holds at once: one full wave of the grid."""
+    if device.type != "cuda":
+        return 8  # the interpreter: few programs, but still several chunks per sample in tests
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    # Register-bound: sm_90 builds (triton 3.9, ptxas) use 123-174 registers per thread (up
+    # to five accumulators and the pipelined tiles); at 192 an SM's 64K registers hold
+    # 65536 // (num_warps * 32 * 192) programs: 1 at 8 or 16 warps, 2 at 4.
+    return sms * max(1, 65536 // (num_warps * 32 * 192))
 
 
-def _chunking(B: int, T: int, block_m: int, device: torch.device) -> tuple[int, int]:
+def _chunking(B: int, T: int, block_m: int, num_warps: int, device: torch.device) -> tuple[int, int]:
     """(n_chunks, chunk_rows): split each sample's T rows into chunks of whole tiles so that
-    B * n_chunks is about the target number of programs."""
+    the B * n_chunks programs fill the resident slots once (never more than one wave when B
+    is small; one chunk per sample when B alone fills the device). Fewer chunks also mean
+    fewer rows of partial column sums to write and reduce."""
     tiles = triton.cdiv(T, block_m)
-    n_chunks = max(1, min(tiles, triton.cdiv(_target_programs(device), B)))
+    n_chunks = max(1, min(tiles, _resident_programs(device, num_warps) // B))
     chunk_rows = triton.cdiv(tiles, n_chunks) * block_m
     return triton.cdiv(T, chunk_rows), chunk_rows
 
@@ -304,10 +349,11 @@ def _contig(v: Tensor | None) -> Tensor | None:
     return None if v is None else v.contiguous()
 
 
-def _fwd(x3: Tensor, h3: Tensor | None, gate, weight, bias, shift, scale, eps: float):
-    """x3 (and h3): contiguous [B, T, D]. Returns (r or None, y, mean, rstd)."""
+def _fwd(x3: Tensor, h3: Tensor | None, gate, weight, bias, shift, scale, eps: float, out_dtype: torch.dtype | None):
+    """x3 (and h3): contiguous [B, T, D]. Returns (r or None, y, mean, rstd); y in out_dtype
+    (default: x3's dtype)."""
     B, T, D = x3.shape
-    y = torch.empty_like(x3)
+    y = torch.empty_like(x3, dtype=out_dtype or x3.dtype)
     r = torch.empty_like(x3) if h3 is not None else None
     mean = torch.empty(B * T, dtype=torch.float32, device=x3.device)
     rstd = torch.empty(B * T, dtype=torch.float32, device=x3.device)
@@ -322,7 +368,7 @@ def _fwd(x3: Tensor, h3: Tensor | None, gate, weight, bias, shift, scale, eps: f
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         shift if shift is not None else dummy, scale if scale is not None else dummy,
         mean, rstd, T, D, float(eps),
-        HAS_RES=h3 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_RES=h3 is not None, HAS_GATE=gate is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )
@@ -339,7 +385,7 @@ def _bwd(xin: Tensor, dy: Tensor | None, dr: Tensor | None, h: Tensor | None, ga
     if B * T == 0:
         return out
     block_d, block_m, warps = _bwd_config(D)
-    n_chunks, chunk_rows = _chunking(B, T, block_m, dev)
+    n_chunks, chunk_rows = _chunking(B, T, block_m, warps, dev)
     P = B * n_chunks
 
     def part(flag: bool) -> Tensor | None:
@@ -349,7 +395,7 @@ def _bwd(xin: Tensor, dy: Tensor | None, dr: Tensor | None, h: Tensor | None, ga
     need_db = need["db"] and has_dy
     need_dshift = need["dshift"] and has_dy
     need_dscale = need["dscale"] and has_dy
-    need_dgate = need["dgate"] and h is not None
+    need_dgate = need["dgate"] and gate is not None
     need_dh = need["dh"] and h is not None
     p_dw, p_db, p_dshift, p_dscale, p_dgate = map(part, (need_dw, need_db, need_dshift, need_dscale, need_dgate))
     dx = torch.empty(xin.shape, dtype=x_dtype, device=dev)
@@ -360,11 +406,11 @@ def _bwd(xin: Tensor, dy: Tensor | None, dr: Tensor | None, h: Tensor | None, ga
         xin, a(dy), a(dr), a(h), a(gate), a(weight), a(bias), a(scale), mean, rstd,
         dx, a(dh), a(p_dw), a(p_db), a(p_dshift), a(p_dscale), a(p_dgate),
         T, D, chunk_rows,
-        HAS_DY=has_dy, HAS_RES=h is not None, HAS_DR=dr is not None,
+        HAS_DY=has_dy, HAS_RES=h is not None, HAS_GATE=gate is not None, HAS_DR=dr is not None,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
         NEED_DW=need_dw, NEED_DB=need_db, NEED_DSHIFT=need_dshift,
         NEED_DSCALE=need_dscale, NEED_DGATE=need_dgate, NEED_DH=need_dh,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, NUM_STAGES=BWD_STAGES, num_warps=warps,
     )
     out["dx"], out["dh"] = dx, dh
     # Second stage of the two-stage reductions (deterministic; the buffers have P = B * n_chunks rows).
@@ -388,8 +434,8 @@ def _bwd(xin: Tensor, dy: Tensor | None, dr: Tensor | None, h: Tensor | None, ga
 
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3, weight, bias, shift, scale, eps):
-        _, y, mean, rstd = _fwd(x3, None, None, weight, bias, shift, scale, eps)
+    def forward(ctx, x3, weight, bias, shift, scale, eps, out_dtype):
+        _, y, mean, rstd = _fwd(x3, None, None, weight, bias, shift, scale, eps, out_dtype)
         ctx.save_for_backward(x3, weight, bias, shift, scale, mean, rstd)
         ctx.set_materialize_grads(False)
         return y
@@ -398,8 +444,8 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         x3, weight, bias, shift, scale, mean, rstd = ctx.saved_tensors
         if dy is None:
-            return None, None, None, None, None, None
-        nx, nw, nb, nsh, nsc, _ = ctx.needs_input_grad
+            return (None,) * 7
+        nx, nw, nb, nsh, nsc, _, _ = ctx.needs_input_grad
         need = {"dw": nw, "db": nb, "dshift": nsh, "dscale": nsc, "dgate": False, "dh": False}
         g = _bwd(x3, dy.contiguous(), None, None, None, weight, bias, scale, mean, rstd, x3.dtype, need)
         return (
@@ -409,13 +455,14 @@ class _LayerNormFn(torch.autograd.Function):
             _cast(g["dshift"], shift),
             _cast(g["dscale"], scale),
             None,
+            None,
         )
 
 
 class _GatedLayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3, gate, h3, weight, bias, shift, scale, eps):
-        r, y, mean, rstd = _fwd(x3, h3, gate, weight, bias, shift, scale, eps)
+    def forward(ctx, x3, gate, h3, weight, bias, shift, scale, eps, out_dtype):
+        r, y, mean, rstd = _fwd(x3, h3, gate, weight, bias, shift, scale, eps, out_dtype)
         ctx.save_for_backward(r, gate, h3, weight, bias, shift, scale, mean, rstd)
         ctx.set_materialize_grads(False)
         ctx.x_dtype = x3.dtype
@@ -425,8 +472,8 @@ class _GatedLayerNormFn(torch.autograd.Function):
     def backward(ctx, dr, dy):
         r, gate, h3, weight, bias, shift, scale, mean, rstd = ctx.saved_tensors
         if dr is None and dy is None:
-            return (None,) * 8
-        nx, ngate, nh, nw, nb, nsh, nsc, _ = ctx.needs_input_grad
+            return (None,) * 9
+        nx, ngate, nh, nw, nb, nsh, nsc, _, _ = ctx.needs_input_grad
         need = {"dw": nw, "db": nb, "dshift": nsh, "dscale": nsc, "dgate": ngate, "dh": nh}
         g = _bwd(r, _contig(dy), _contig(dr), h3, gate, weight, bias, scale, mean, rstd, ctx.x_dtype, need)
         return (
@@ -437,6 +484,7 @@ class _GatedLayerNormFn(torch.autograd.Function):
             _cast(g["db"], bias),
             _cast(g["dshift"], shift),
             _cast(g["dscale"], scale),
+            None,
             None,
         )
 
@@ -457,10 +505,12 @@ def layer_norm_triton(
     eps: float,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """y = LN(x) * (1 + scale) + shift (fused Triton kernels; same contract as the reference).
 
     x: [..., D] without shift/scale, [B, T, D] with them; shift, scale: [B, D]; weight, bias: [D].
+    y is written in out_dtype (default: x's dtype); dx has x's dtype whatever y's.
     Differentiable in every tensor argument.
     """
     D = x.shape[-1]
@@ -477,23 +527,25 @@ def layer_norm_triton(
         _check_per_sample("shift", shift, B, D)
         _check_per_sample("scale", scale, B, D)
         x3 = x.contiguous()
-    y = _LayerNormFn.apply(x3, _contig(weight), _contig(bias), _contig(shift), _contig(scale), eps)
+    y = _LayerNormFn.apply(x3, _contig(weight), _contig(bias), _contig(shift), _contig(scale), eps, out_dtype)
     return y.view(x.shape)
 
 
 def gated_layer_norm_triton(
     x: Tensor,
-    gate: Tensor,
+    gate: Tensor | None,
     h: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
     shift: Tensor | None = None,
     scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """r = x + gate * h, y = LN(r) * (1 + scale) + shift, in one pass; returns (r, y).
 
-    x, h: [B, T, D]; gate, shift, scale: [B, D]; weight, bias: [D]. r and y have x's dtype.
+    x, h: [B, T, D]; gate, shift, scale: [B, D] (gate None: the plain residual r = x + h);
+    weight, bias: [D]. r has x's dtype, y out_dtype (default: x's dtype).
     Differentiable in every tensor argument; the backward accepts gradients for r, y or both.
     """
     if x.dim() != 3:
@@ -508,7 +560,12 @@ def gated_layer_norm_triton(
     _check_vec("bias", bias, D)
     _check_per_sample("shift", shift, B, D)
     _check_per_sample("scale", scale, B, D)
-    return _GatedLayerNormFn.apply(
-        x.contiguous(), gate.contiguous(), h.contiguous(), _contig(weight), _contig(bias),
-        _contig(shift), _contig(scale), eps,
+    if gate is None and shift is None and scale is None:
+        # No per-sample vector: one sample of B * T rows, chunked exactly as the plain op.
+        x3, h3 = x.contiguous().view(1, B * T, D), h.contiguous().view(1, B * T, D)
+    else:
+        x3, h3 = x.contiguous(), h.contiguous()
+    r, y = _GatedLayerNormFn.apply(
+        x3, _contig(gate), h3, _contig(weight), _contig(bias), _contig(shift), _contig(scale), eps, out_dtype
     )
+    return r.view(x.shape), y.view(x.shape)

@@ -19,6 +19,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert "timings meaningless" in proc.stdout
     report = json.loads(out.read_text())
     assert report["meta"]["smoke"] is True
+    assert "apex baseline skipped" in report["meta"]["apex"]  # never installed here
     assert report["ops"] == {op: "ok" for op in OPS}
     rows = report["results"]
     assert not [r for r in rows if "error" in r]
@@ -31,3 +32,15 @@ def test_kernel_benchmark_smoke(tmp_path):
             # bf16 operands in the smoke shapes: agreement to a few bf16 ulps
             assert isinstance(r["err"], float) and r["err"] < 3e-2, (op, mode, r["err"])
     assert report["targets"] and all(t["status"] == "n/a (not a GPU run)" for t in report["targets"])
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    out = tmp_path / "attention.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["backend"], r["mode"]) for r in rows} == {(b, m) for b in ("math", "sdpa") for m in ("fwd", "fwd+bwd")}
+    assert not [r for r in rows if "error" in r] and all(r["ms"] > 0 for r in rows)
+    assert {r["path"] for r in rows if r["backend"] == "math"} == {"sdpa-math"}
+    assert all(r["err"] < 1e-5 for r in rows if r["mode"] == "fwd")  # fp32 against the fp32 math backend

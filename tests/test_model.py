@@ -12,7 +12,7 @@ from epg_fast.flops import projector_macs, vit_macs
 from epg_fast.kernels.ema import ema_reference
 from epg_fast.kernels.layer_norm import layer_norm_reference
 from epg_fast.kernels.patch_embed import patch_embed_reference
-from epg_fast.models.encoder import ENCODER_PRESETS, Encoder, PretrainEncoder
+from epg_fast.models.encoder import ENCODER_PRESETS, MLP, Encoder, PretrainEncoder
 from epg_fast.ops import Ops
 
 
@@ -151,3 +151,11 @@ def test_epg_analytic_flops_match_flop_counter(preset):
     p = m.patch_size
     want = epg_macs(256, p, m.dim, len(m.blocks), m.out_norm.normalized_shape[0])
     assert counter.get_total_flops() / 2 / 2 == pytest.approx(want, rel=1e-9)
+
+
+def test_mlp_compiles_into_one_graph():
+    """bias + GELU is left to torch.compile (inductor moves fc1's bias into the GELU's
+    pointwise epilogue): the MLP must reach it as one graph, with nothing of ours in between."""
+    mlp = MLP(16, 64)
+    explained = torch._dynamo.explain(mlp)(torch.randn(2, 5, 16))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from epg_fast import ops
-from epg_fast.config import Config
+from epg_fast.config import Config, read_config
 from epg_fast.models.encoder import Encoder
 from epg_fast.ops import Ops
 
@@ -60,8 +61,8 @@ def test_each_model_records_its_own_paths_and_its_copies_share_them():
     assert shadow.ops is fused.ops and shadow.blocks[0].attn.ops is fused.ops
     shadow(x, t)
     plain(x, t)
-    assert fused.ops.paths() == {"patch_embed": "triton", "layer_norm": "triton", "attention": "sdpa"}
-    assert plain.ops.paths() == {"patch_embed": "reference", "layer_norm": "reference", "attention": "sdpa"}
+    assert fused.ops.paths() == {"patch_embed": "triton", "layer_norm": "triton", "residual_norm": "triton", "attention": "sdpa"}
+    assert plain.ops.paths() == {"patch_embed": "reference", "layer_norm": "reference", "residual_norm": "reference", "attention": "sdpa"}
     assert Encoder(8, 4, 16, 1, 2).ops == Ops()  # the default: the auto modes
     assert fused.state_dict().keys() == plain.state_dict().keys()
     assert not any("ops" in k for k in fused.state_dict())
@@ -81,3 +82,32 @@ def test_readme_documents_every_config_key():
 
     missing = [k for k in keys(Config()) if k not in documented]
     assert not missing, f"config keys missing from the README's reference: {missing}"
+
+
+def test_pinned_sdpa_backends():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 3, 8) for _ in range(3))  # [B, T, H, hd]
+    math = Ops(attention_mode="math")
+    torch.testing.assert_close(math.attention(q, k, v), Ops(attention_mode="sdpa").attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert math.paths() == {"attention": "sdpa-math"}
+    for mode in ("cudnn", "efficient"):
+        with pytest.raises(RuntimeError, match=f"model.attention={mode} needs CUDA tensors"):
+            Ops(attention_mode=mode).attention(q, k, v)
+        assert Ops(attention_mode=mode).attention_backend(torch.device("cuda", 0), torch.bfloat16) == f"sdpa-{mode}"
+    assert read_config(None, ["model.attention=cudnn"]).model.attention == "cudnn"
+
+
+def test_autocast_dtype_and_cat_for_matmul():
+    """Under autocast the pieces are cast before the concatenation: bitwise the values the
+    matmul saw before (fp32 concatenation cast by autocast), in the autocast dtype."""
+    torch.manual_seed(1)
+    fused = Ops("reference")
+    x, skip = torch.randn(2, 5, 8, dtype=torch.bfloat16), torch.randn(2, 5, 4)
+    w = torch.randn(6, 12)
+    assert fused.autocast_dtype(skip) is None
+    assert fused.cat_for_matmul([x, skip]).dtype == torch.float32  # no autocast: torch's promotion
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.autocast_dtype(skip) == torch.bfloat16
+        cat = fused.cat_for_matmul([x, skip])
+        assert cat.dtype == torch.bfloat16
+        assert torch.equal(F.linear(cat, w), F.linear(torch.cat([x, skip], -1), w))

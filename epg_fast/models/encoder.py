@@ -43,8 +43,8 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=LN_EPS)
         self.ops = ops
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x: Tensor, feeds_matmul: bool = True) -> Tensor:
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, feeds_matmul=feeds_matmul)
 
 
 class Attention(nn.Module):
@@ -77,14 +77,16 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0, *, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.norm1 = LayerNorm(dim, ops=ops)
         self.attn = Attention(dim, heads, dropout, ops=ops)
         self.norm2 = LayerNorm(dim, ops=ops)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        # x + Attn(LN(x)) and the MLP's LayerNorm of that sum, in one pass.
+        x, h = self.ops.gated_layer_norm(x, None, self.attn(self.norm1(x)), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return x + self.mlp(h)
 
 
 class PatchEmbed(nn.Module):
@@ -226,7 +228,7 @@ class PretrainEncoder(nn.Module):
 
     def features(self, x_t: Tensor, t: Tensor) -> Tensor:
         """h: the normalised (first) cls feature, [B, D]."""
-        return self.encoder.norm(self.encoder(x_t, t)[:, :1])[:, 0]
+        return self.encoder.norm(self.encoder(x_t, t)[:, :1], feeds_matmul=False)[:, 0]  # h is read in fp32
 
     def forward(
         self, x_t: Tensor, t: Tensor, views: int = 1, projected: int = 1, project_rest: bool = False

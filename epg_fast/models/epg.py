@@ -74,7 +74,7 @@ class DecoderBlock(nn.Module):
     def forward(self, x: Tensor, skip: Tensor, c: Tensor) -> Tensor:
         """x: [B, T, dim]; skip: an encoder block's output [B, T, encoder_dim]; c: [B, encoder_dim]."""
         # Input first, skip second: the column order of the reference's skip_linear weight.
-        x = self.skip_norm(self.skip_linear(torch.cat([x, skip], dim=-1)))
+        x = self.skip_norm(self.skip_linear(self.ops.cat_for_matmul([x, skip])))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = self.ops.layer_norm(x, self.norm1.weight, self.norm1.bias, LN_EPS, shift_a, scale_a)
         # x + gate_a * Attn(...) and the MLP's modulated LN of that sum, in one pass.

@@ -101,8 +101,8 @@ def test_layer_norm_long_sequence(dtype, affine, modulated):
     # T = 258 tokens (the decoder's sequence), odd B, D = 64 (several rows per tile): the
     # backward splits each sample into several chunks, the last one ragged.
     B, T, D = 3, 258, 64
-    block_d, block_m, _ = lnk._bwd_config(D)
-    assert lnk._chunking(B, T, block_m, torch.device(DEVICE))[0] > 1
+    block_d, block_m, warps = lnk._bwd_config(D)
+    assert lnk._chunking(B, T, block_m, warps, torch.device(DEVICE))[0] > 1
     _check_layer_norm(B, T, D, dtype, affine, modulated, seed=1)
 
 
@@ -272,3 +272,73 @@ def test_bad_shapes_raise_value_error():
         gated_layer_norm_triton(x, torch.randn(2, 1, 16, device=DEVICE), x, w, w, EPS)
     with pytest.raises(ValueError, match="shift must have shape"):
         gated_layer_norm_triton(x, good, x, w, w, EPS, torch.randn(1, 16, device=DEVICE), good)
+
+
+# ---------------------------------------------------------------------------- residual (no gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_without_gate(dtype):
+    # The encoder's r = x + h; y = LN(r): gate None, plain affine LN, any number of chunks.
+    B, T, D = 3, 37, 96
+    x, w, b, _, _, g = _inputs(B, T, D, dtype, True, False, dtype, 14)
+    h = (torch.randn(B, T, D, generator=g) * 1.5).to(device=DEVICE, dtype=dtype)
+    c1, c2 = (torch.randn(B, T, D, generator=g).to(DEVICE) for _ in range(2))
+    results = []
+    for fn in (gated_layer_norm_triton, gated_layer_norm_reference):
+        leaves = _leaves(x, h, w, b)
+        r, y = fn(leaves[0], None, leaves[1], leaves[2], leaves[3], EPS)
+        results.append([r, y] + _grads((r.float() * c1).sum() + (y.float() * c2).sum(), leaves))
+    for name, got, ref in zip(("r", "y", "dx", "dh", "dweight", "dbias"), *results):
+        _close(got, ref, TOL[dtype], name)
+    # gate None is the gate of ones, exactly: the same r, y and gradients as an explicit gate.
+    ones = torch.ones(B, D, device=DEVICE, dtype=dtype)
+    r1, y1 = gated_layer_norm_triton(x, ones, h, w, b, EPS)
+    r0, y0 = gated_layer_norm_triton(x, None, h, w, b, EPS)
+    assert torch.equal(r0, r1) and torch.equal(y0, y1)
+    # ... and r is exactly the unfused torch sum (computed in fp32, rounded once to x's dtype).
+    assert torch.equal(results[1][0], x + h)
+
+
+# ---------------------------------------------------------------------------- output dtype
+
+
+def _check_out_dtype(op, out_dtype, seed):
+    """fp32 inputs (the encoder's residual stream), y written in a narrower dtype."""
+    B, T, D = 2, 11, 160
+    modulated = op in ("adaln", "gated")
+    x, w, b, shift, scale, g = _inputs(B, T, D, torch.float32, True, modulated, torch.float32, seed)
+    h = torch.randn(B, T, D, generator=g).to(device=DEVICE, dtype=out_dtype)  # a matmul's output
+    gate = (torch.randn(B, D, generator=g) * 0.5).to(DEVICE) if op == "gated" else None
+    c = torch.randn(B, T, D, generator=g).to(DEVICE)
+    results = []
+    for triton_path in (True, False):
+        if op in ("plain", "adaln"):
+            fn = layer_norm_triton if triton_path else layer_norm_reference
+            leaves = _leaves(x, w, b, shift, scale)
+            y = fn(leaves[0], leaves[1], leaves[2], EPS, leaves[3], leaves[4], out_dtype=out_dtype)
+            r = None
+        else:
+            fn = gated_layer_norm_triton if triton_path else gated_layer_norm_reference
+            leaves = _leaves(x, gate, h, w, b, shift, scale)
+            r, y = fn(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], EPS, leaves[5], leaves[6], out_dtype=out_dtype)
+            assert r.dtype == torch.float32
+        assert y.dtype == out_dtype
+        loss = (y.float() * c).sum() + (0 if r is None else (r * c).sum())
+        grads = _grads(loss, leaves)
+        assert grads[0].dtype == torch.float32  # dx in the input's dtype, not y's
+        results.append([y] + grads)
+    for got, ref in zip(*results):
+        if ref is not None:
+            _close(got, ref, TOL[out_dtype], f"{op} -> {out_dtype}")
+    return results[1][0]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("op", ["plain", "adaln", "gated", "residual"])
+def test_output_dtype(op, out_dtype):
+    y = _check_out_dtype(op, out_dtype, seed=15)
+    # The reference with out_dtype is bitwise the old fp32 output rounded once to out_dtype.
+    x, w, b, shift, scale, _ = _inputs(2, 11, 160, torch.float32, True, op in ("adaln", "gated"), torch.float32, 15)
+    if op in ("plain", "adaln"):
+        assert torch.equal(y, layer_norm_reference(x, w, b, EPS, shift, scale).to(out_dtype))
