@@ -90,6 +90,7 @@ def pack_y(draws: Sequence[YDraw]) -> dict[str, torch.Tensor]:
         "blur_taps": torch.from_numpy(np.stack([box_blur_taps(d.sigma if d.blur else 0.0) for d in draws])),
         "solarize": torch.tensor([d.solarize for d in draws], dtype=torch.bool),
         "flip": torch.tensor([d.flip for d in draws], dtype=torch.bool),
+        "box": torch.tensor([d.box for d in draws], dtype=torch.int64),  # for crop_resize
     }
 
 
@@ -119,6 +120,65 @@ def geometric_views(
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
+
+
+_PRECISION = 22  # Pillow's resampling fixed point (PRECISION_BITS = 32 - 8 - 2)
+
+
+def _bilinear_taps(lengths: torch.Tensor, size: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for a bilinear resize of a
+    length-`lengths[b]` span to `size`: (first source index [B, size], integer weights
+    [B, size, K]), in double as in C. K covers spans up to max_length (known on the host,
+    so no device synchronisation): 3 when no span is longer than size."""
+    f64 = torch.float64
+    scale = lengths.to(f64).unsqueeze(1) / size  # [B, 1]
+    filterscale = scale.clamp(min=1.0)
+    support = filterscale  # bilinear support 1, stretched when downsampling
+    taps = 2 * max(1, -(-max_length // size)) + 1
+    center = (torch.arange(size, device=lengths.device, dtype=f64) + 0.5) * scale  # in0 = 0 (the crop's origin)
+    first = torch.trunc(center - support + 0.5).clamp(min=0)
+    last = torch.minimum(torch.trunc(center + support + 0.5), lengths.to(f64).unsqueeze(1))
+    k = torch.arange(taps, device=lengths.device, dtype=f64)
+    x = ((k + first.unsqueeze(2) - center.unsqueeze(2) + 0.5) / filterscale.unsqueeze(2)).abs()
+    w = torch.where((x < 1.0) & (k < (last - first).unsqueeze(2)), 1.0 - x, 0.0)
+    total = torch.zeros_like(center)
+    for j in range(taps):  # summed in C's order
+        total = total + w[..., j]
+    w = w / torch.where(total == 0, 1.0, total).unsqueeze(2)
+    return first.to(torch.int64), torch.trunc(0.5 + w * (1 << _PRECISION)).to(torch.int32)
+
+
+def _resample(img: torch.Tensor, start: torch.Tensor, length: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """One Pillow bilinear pass along `dim` (2 rows or 3 columns) of int32 images: the span
+    [start, start + length) of each sample resized to `size`, rounded to 0..255."""
+    first, weights = _bilinear_taps(length, size, img.shape[dim])
+    acc = torch.full((), 1 << (_PRECISION - 1), dtype=torch.int32, device=img.device)
+    shape = [img.shape[0], 1, 1, 1]
+    shape[dim] = size
+    out_shape = list(img.shape)
+    out_shape[dim] = size
+    for j in range(weights.shape[2]):
+        # Taps past the span have weight 0; clamp their index into it.
+        idx = start.unsqueeze(1) + torch.minimum(first + j, length.unsqueeze(1) - 1)
+        picked = torch.gather(img, dim, idx.view(shape).expand(out_shape))
+        acc = acc + picked * weights[..., j].view(shape)
+    return (acc >> _PRECISION).clamp_(0, 255)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """views.apply_y's geometry on the device: each sample's (left, top, width, height) box
+    cropped and resized to size x size with Pillow's bilinear filter, horizontal pass first,
+    each pass rounded to uint8 as Pillow does. uint8 [B, 3, H, W] -> uint8 [B, 3, size, size].
+
+    Exact for boxes no larger than size (the y crops of a pre-cropped R x R source, always),
+    and for boxes that shrink on both axes. Pillow >= 12 runs the vertical pass first for some
+    boxes that shrink on one axis only, which rounds differently (one level on ~20% of the
+    pixels); the loader cuts such crops (non-pre-cropped sources) in the worker instead."""
+    img = images.to(torch.int32)
+    left, top, width, height = boxes.unbind(1)
+    img = _resample(img, left, width, size, dim=3)
+    img = _resample(img, top, height, size, dim=2)
+    return img.to(torch.uint8)
 
 
 def _grey(img: torch.Tensor) -> torch.Tensor:
@@ -248,11 +308,17 @@ def augment_views(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
     In: uint8 "x" (unflipped center crops), "x_flip" (bool [B]), and in pre-training "y1", "y2"
     (geometric crops) with "y1_params", "y2_params" (`pack_y`); other keys pass through.
+    Without "y1"/"y2" but with their params (a pre-cropped source such as raw shards), the
+    y crops are cut from x on the device (crop_resize), as make_views(precropped=True) does.
     Out: "x", "y1", "y2" as make_views's views (uint8), ready for views.normalize."""
     out = {k: v for k, v in batch.items() if not k.endswith(("_params", "_flip"))}
-    out["x"] = flip(batch["x"].to(device, non_blocking=True), batch["x_flip"].to(device, non_blocking=True))
+    base = batch["x"].to(device, non_blocking=True)
+    out["x"] = flip(base, batch["x_flip"].to(device, non_blocking=True))
     for view in ("y1", "y2"):
-        if view in batch:
+        if f"{view}_params" in batch:
             params = {k: v.to(device, non_blocking=True) for k, v in batch[f"{view}_params"].items()}
-            out[view] = augment_y(batch[view].to(device, non_blocking=True), params)
+            crops = batch[view].to(device, non_blocking=True) if view in batch else None
+            if crops is None:
+                crops = crop_resize(base, params["box"], base.shape[-1])
+            out[view] = augment_y(crops, params)
     return out
