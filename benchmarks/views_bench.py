@@ -14,12 +14,16 @@ jobs on a shared machine; images/s per core = 1 / (CPU s per image). Rows:
   (device_views.geometric_views), decisions packed (device_views.pack_y), copy;
 - `geometry+draft`: the same with decode.reduced_geometric_views (JPEG DCT-domain reduction
   where every view's region stays >= R);
-- `raw`: a worker reading raw shards (data.shards; the R x R center crop, no decode), y crop
-  geometry on it (pre-cropped semantics, as data.precropped=true), decisions packed, copy;
+- `raw+crops`: a worker reading raw shards (data.shards; the R x R center crop, no decode),
+  y crop geometry on it in PIL (pre-cropped semantics, as data.precropped=true), decisions
+  packed, copy;
+- `raw`: the same worker when the device also cuts the y crops (device_views.crop_resize):
+  the worker copies the R x R crop and draws and packs the decisions, nothing else;
 - `pil-raw`: the PIL path on the raw shards' crops (make_views with precropped=True), to
   separate the decode saving from the augment saving;
-- `device-augment`: device_views.augment_views on CPU (what the GPU does in training), per
-  image of a --batch batch, on one core: the cost moved off the loader, shown for scale.
+- `device-augment`, `device-crops+augment`: device_views.augment_views on CPU (what the GPU
+  does in training), per image of a --batch batch, on one core, given the y crops or cutting
+  them from x: the cost moved off the loader, shown for scale (it is a GPU's work).
 
 The raw shards are written on first use under --raw (default: the cache folder, never the
 repository) with `precrop --format raw`.
@@ -81,7 +85,13 @@ def cpu_per_image(items: list, work, batch: int, with_y: bool) -> float:
     return (time.process_time() - t0) / len(items)
 
 
-def device_cost(raw: shards.RawShards, size: int, batch: int, with_y: bool) -> float:
+def raw_decisions(raw: shards.RawShards, i: int, size: int, rng, with_y: bool):
+    """The `raw` worker: the R x R crop copied, the decisions drawn (packed per batch)."""
+    x_flip, draws = device_views.draw_views(size, size, size, rng, with_y, True)
+    return [np.ascontiguousarray(raw.image(i).transpose(2, 0, 1))], x_flip, draws
+
+
+def device_cost(raw: shards.RawShards, size: int, batch: int, with_y: bool, crops_on_device: bool) -> float:
     """CPU seconds per image of device_views.augment_views on one batch."""
     parts, flips, draws = [], [], []
     for k in range(batch):
@@ -91,6 +101,8 @@ def device_cost(raw: shards.RawShards, size: int, batch: int, with_y: bool) -> f
         draws.append(ys)
     b = {name: torch.from_numpy(np.stack([p[j] for p in parts])) for j, name in enumerate(("x", "y1", "y2")[: len(parts[0])])}
     b["x_flip"] = torch.tensor(flips)
+    if crops_on_device:
+        b = {k: v for k, v in b.items() if k not in ("y1", "y2")}
     if with_y:
         b["y1_params"] = device_views.pack_y([d[0] for d in draws])
         b["y2_params"] = device_views.pack_y([d[1] for d in draws])
@@ -135,16 +147,19 @@ def main(argv: list[str] | None = None) -> None:
             "pil": (paths, lambda p, r: pil_views(p, size, r, with_y)),
             "geometry": (paths, lambda p, r: geometry(views.load_image(p), size, r, with_y)),
             "geometry+draft": (paths, lambda p, r: geometry_draft(p, size, r, with_y)),
-            "raw": (ids, lambda i, r: geometry(Image.fromarray(raw.image(i)), size, r, with_y, True)),
+            "raw+crops": (ids, lambda i, r: geometry(Image.fromarray(raw.image(i)), size, r, with_y, True)),
+            "raw": (ids, lambda i, r: raw_decisions(raw, i, size, r, with_y)),
             "pil-raw": (ids, lambda i, r: [chw(v) for v in views.make_views(
                 Image.fromarray(raw.image(i)), size, r, with_y, True)]),
         }
         for name, (items, work) in runs.items():
             cpu = cpu_per_image(items, work, args.batch, with_y)
             rows.append({"mode": mode, "path": name, "cpu_ms_per_image": 1e3 * cpu, "images_per_s_per_core": 1 / cpu})
-        cpu = device_cost(raw, size, args.batch, with_y)
-        rows.append({"mode": mode, "path": "device-augment", "cpu_ms_per_image": 1e3 * cpu,
-                     "images_per_s_per_core": 1 / cpu})
+        for name, on_device in (("device-augment", False), ("device-crops+augment", True)):
+            if on_device and not with_y:
+                continue
+            cpu = device_cost(raw, size, args.batch, with_y, on_device)
+            rows.append({"mode": mode, "path": name, "cpu_ms_per_image": 1e3 * cpu, "images_per_s_per_core": 1 / cpu})
     base = {r["mode"]: r["cpu_ms_per_image"] for r in rows if r["path"] == "pil"}
     lines = ["| views | path | CPU ms / image | images/s per core | vs pil |", "|---|---|---:|---:|---:|"]
     for r in rows:

@@ -100,17 +100,26 @@ def crop_y(img: Image.Image, size: int, d: YDraw) -> Image.Image:
     return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
 
 
+def draw_views(
+    width: int, height: int, size: int, rng: np.random.Generator, with_y: bool, precropped: bool
+) -> tuple[bool, list[YDraw]]:
+    """views.make_views's decisions for a width x height image, in its order: x's flip (views.hflip's
+    coin), then y1's and y2's, drawn on the image or, pre-cropped, on the size x size center crop."""
+    x_flip = bool(rng.random() < FLIP_P)
+    if not with_y:
+        return x_flip, []
+    src = (size, size) if precropped else (width, height)
+    return x_flip, [draw_y(*src, rng, **Y1), draw_y(*src, rng, **Y2)]
+
+
 def geometric_views(
     img: Image.Image, size: int, rng: np.random.Generator, with_y: bool, precropped: bool
 ) -> tuple[list[Image.Image], bool, list[YDraw]]:
     """The worker's share of views.make_views: ([x, y1, y2] unflipped and un-jittered, x's flip,
     [y1's, y2's decisions]), drawing from `rng` exactly as make_views does."""
+    x_flip, draws = draw_views(img.width, img.height, size, rng, with_y, precropped)
     base = center_crop(img, size)
-    x_flip = bool(rng.random() < FLIP_P)  # views.hflip's coin
-    if not with_y:
-        return [base], x_flip, []
     src = base if precropped else img
-    draws = [draw_y(src.width, src.height, rng, **Y1), draw_y(src.width, src.height, rng, **Y2)]
     return [base] + [crop_y(src, size, d) for d in draws], x_flip, draws
 
 
