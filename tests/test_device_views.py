@@ -93,9 +93,9 @@ def test_hue_matches_pillow_on_random_colours(delta):
 
 
 OPS = {  # name -> (PIL op, device op); factors drawn from ColorJitter's ranges
-    "brightness": (lambda im, f: views.color_jitter(im, (0,), (f, 1, 1, 0)), lambda x, f: dv._brightness(x, f)),
-    "contrast": (lambda im, f: views.color_jitter(im, (1,), (1, f, 1, 0)), lambda x, f: dv._contrast(x, f)),
-    "saturation": (lambda im, f: views.color_jitter(im, (2,), (1, 1, f, 0)), lambda x, f: dv._saturation(x, f)),
+    "brightness": (lambda im, f: views.color_jitter(im, (0,), (f, 1, 1, 0)), lambda x, f: dv._enhance(x, torch.zeros(len(x), dtype=torch.int64), f)),
+    "contrast": (lambda im, f: views.color_jitter(im, (1,), (1, f, 1, 0)), lambda x, f: dv._enhance(x, torch.ones(len(x), dtype=torch.int64), f)),
+    "saturation": (lambda im, f: views.color_jitter(im, (2,), (1, 1, f, 0)), lambda x, f: dv._enhance(x, torch.full((len(x),), 2), f)),
     "grey": (lambda im, f: im.convert("L").convert("RGB"), lambda x, f: dv._grey(x).expand_as(x)),
     "blur": (lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)),
              lambda x, f: dv._blur(x, torch.from_numpy(np.stack([dv.box_blur_taps(float(s)) for s in f])))),

@@ -197,22 +197,24 @@ def _grey(img: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Image.blend(degenerate, img, factor): float32, then truncated and clipped to 0..255."""
+    """Image.blend(degenerate, img, factor): float32, then truncated and clipped to 0..255.
+    A factor of 1 returns img exactly (d + 1 * (img - d) = img in floating point)."""
     return (degenerate + _per_sample(factor) * (img - degenerate)).clamp_(0, 255).floor_()
 
 
-def _brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(torch.zeros_like(img), img, factor)
-
-
-def _contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _contrast_mean(img: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast's degenerate grey level: the grey image's mean, rounded, [B, 1, 1, 1]."""
     grey = _grey(img).to(torch.int64)
     mean = grey.sum(dim=(1, 2, 3)).double() / grey[0].numel()  # ImageStat's mean, in double
-    return _blend(_per_sample(torch.floor(mean + 0.5).to(img.dtype)), img, factor)
+    return _per_sample(torch.floor(mean + 0.5).to(img.dtype))
 
 
-def _saturation(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(_grey(img), img, factor)
+def _enhance(img: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """One of ImageEnhance's blends per sample, chosen by op: 0 brightness (towards black),
+    1 contrast (towards the mean grey), 2 saturation (towards the grey image)."""
+    op = _per_sample(op)
+    degenerate = torch.where(op == 0, 0.0, torch.where(op == 1, _contrast_mean(img), _grey(img)))
+    return _blend(degenerate, img, factor)
 
 
 def _round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -258,15 +260,21 @@ def _hue(img: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _jitter(img: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ColorJitter with per-sample op order: at each of the four positions every sample runs
-    the op it drew there; the others get an identity factor (blend with factor 1 is exact)
-    or keep their pixels (hue, whose HSV round trip is not an identity)."""
-    ones = torch.ones_like(p["factors"][:, 0])
-    for k in range(4):
-        op = p["order"][:, k]
-        for j, fn in enumerate((_brightness, _contrast, _saturation)):
-            img = fn(img, torch.where(p["jitter"] & (op == j), p["factors"][:, j], ones))
-        img = torch.where(_per_sample(p["jitter"] & (op == 3)), _hue(img, p["hue_delta"]), img)
+    """ColorJitter with per-sample op order, without a loop over samples: the hue shift (the
+    costly op, and not an identity at shift 0) runs once for all samples, between the blends
+    each sample drew before it and those it drew after; at each position a sample runs its
+    drawn blend, or one with factor 1 (an exact identity) when the op is elsewhere."""
+    order, jitter = p["order"], p["jitter"]
+    hue_at = torch.where(jitter, (order == 3).to(torch.int64).argmax(dim=1), 4)  # 4: no hue
+    factors = torch.cat([p["factors"], torch.ones_like(p["factors"][:, :1])], dim=1)  # op 3 -> factor 1
+    for after_hue in (False, True):
+        for k in range(4):
+            runs = jitter & ((k > hue_at) if after_hue else (k < hue_at)) & (order[:, k] != 3)
+            op = order[:, k].clamp(max=2)
+            factor = torch.where(runs, factors.gather(1, order[:, k : k + 1]).squeeze(1), 1.0)
+            img = _enhance(img, op, factor)
+        if not after_hue:
+            img = torch.where(_per_sample(hue_at < 4), _hue(img, p["hue_delta"]), img)
     return img
 
 
