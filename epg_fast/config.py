@@ -80,6 +80,13 @@ class DataConfig:
     root: str | None = None  # ImageFolder tree; None = the embedded demo data (smoke test only)
     loader: str = field(default="torch", metadata=_choices("torch", "dali"))  # dali: pip install -e ".[dali]"
     precropped: bool = False  # tree already holds ADM center crops at image_size (paper setup)
+    # "folder": an ImageFolder tree of image files; "raw": uint8 center-crop shards written by
+    # `python -m epg_fast.data.precrop SRC DST --format raw` (no decode; torch loader).
+    format: str = field(default="folder", metadata=_choices("folder", "raw"))
+    # Where the views' photometric augmentations run (torch loader): "pil" in the workers (the
+    # reference), "device": the workers only crop, the trainer augments on its device, bit-exact.
+    augment: str = field(default="pil", metadata=_choices("pil", "device"))
+    decode_draft: bool = False  # augment=device: decode JPEGs at 1/2-1/8 scale when every view allows
     # The validated file index: "auto" (cached next to the data, or in the epg_fast cache
     # folder when the data is read-only), "none" (scan every start), or a cache file path.
     index_cache: str = "auto"

@@ -319,7 +319,7 @@ def train(cfg: Config, comments: str = "") -> int:
             batch = next(batches)
         window["wait"] += time.perf_counter() - t_wait
         with prof.phase("h2d"):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = loader.to_device(batch, device)  # with data.augment=device the views are finished here
         with prof.phase("comm"):
             draws, stop_now = sync_step_decisions(stage.draws(step, step_generator(gen, cfg.train.seed, step, 0)),
                                                   stop.requested, device)

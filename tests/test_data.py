@@ -374,7 +374,7 @@ def test_plan_slots_replacements_and_generators(tree):
     planned = [int(i) for i in perm[8 + 4 : 8 + 8]]  # batch 1, rank 1's half
     broken, reads = planned[1], []
 
-    def read(i):
+    def read(i, rng):
         reads.append(i)
         if i == broken:
             raise OSError("cut short")
@@ -392,7 +392,7 @@ def test_plan_slots_replacements_and_generators(tree):
     assert [(s.index, s.hop, s.rng.random()) for s in again.samples(1, 1, read, verdicts, [])] == [
         (s.index, s.hop, np.random.default_rng([5, 1, s.index, s.hop]).random()) for s in got]
 
-    def unreadable(i):
+    def unreadable(i, rng):
         raise OSError("nope")
 
     with pytest.raises(DataError, match="8 files in a row failed to decode .* OSError: nope"):

@@ -11,6 +11,8 @@ pixels by several levels).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,9 +93,9 @@ def test_hue_matches_pillow_on_random_colours(delta):
 
 
 OPS = {  # name -> (PIL op, device op); factors drawn from ColorJitter's ranges
-    "brightness": (lambda im, f: views.color_jitter(im, (0,), (f, 1, 1, 0)), lambda x, f: dv._brightness(x, f)),
-    "contrast": (lambda im, f: views.color_jitter(im, (1,), (1, f, 1, 0)), lambda x, f: dv._contrast(x, f)),
-    "saturation": (lambda im, f: views.color_jitter(im, (2,), (1, 1, f, 0)), lambda x, f: dv._saturation(x, f)),
+    "brightness": (lambda im, f: views.color_jitter(im, (0,), (f, 1, 1, 0)), lambda x, f: dv._enhance(x, torch.zeros(len(x), dtype=torch.int64), f)),
+    "contrast": (lambda im, f: views.color_jitter(im, (1,), (1, f, 1, 0)), lambda x, f: dv._enhance(x, torch.ones(len(x), dtype=torch.int64), f)),
+    "saturation": (lambda im, f: views.color_jitter(im, (2,), (1, 1, f, 0)), lambda x, f: dv._enhance(x, torch.full((len(x),), 2), f)),
     "grey": (lambda im, f: im.convert("L").convert("RGB"), lambda x, f: dv._grey(x).expand_as(x)),
     "blur": (lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)),
              lambda x, f: dv._blur(x, torch.from_numpy(np.stack([dv.box_blur_taps(float(s)) for s in f])))),
@@ -157,3 +159,37 @@ def test_views_match_make_views_on_demo_data(demo_images):
 def test_augment_y_rejects_float_input():
     with pytest.raises(ValueError, match="uint8"):
         dv.augment_y(torch.zeros(1, 3, 4, 4), dv.pack_y([views.draw_y(4, 4, np.random.default_rng(0), **views.Y1)]))
+
+
+@pytest.mark.parametrize("source", ["base", "photo"])
+def test_crop_resize_matches_pillow(photos, source):
+    """Up-scaling crops of the R x R base (pre-cropped data) and crops of whole photographs
+    that shrink on both axes: Pillow's bilinear coefficients and rounding, replayed."""
+    size = 48
+    images = [views.center_crop(im, size) for im in photos[:32]] if source == "base" else [
+        im.resize((224, 224)) for im in photos[:16]]
+    rng = np.random.default_rng(5)
+    draws = [views.draw_y(im.width, im.height, rng, **views.Y1) for im in images]
+    if source == "photo":  # boxes of at least size x size (see crop_resize on mixed ones)
+        draws = [dataclasses.replace(d, box=(d.box[0], d.box[1], max(d.box[2], size), max(d.box[3], size)))
+                 if d.box[0] + size <= 224 and d.box[1] + size <= 224 else dataclasses.replace(d, box=(0, 0, 224, 224))
+                 for d in draws]
+    ref = torch.stack([chw(dv.crop_y(im, size, d)) for im, d in zip(images, draws)])
+    ours = dv.crop_resize(torch.stack([chw(im) for im in images]), dv.pack_y(draws)["box"], size)
+    assert_close(ours, ref, f"crop_resize of {source}")
+
+
+def test_y_views_cut_on_the_device_match_precropped_make_views(photos):
+    """A raw-shard batch carries only the R x R base: y1 and y2 are cut from it on the device."""
+    size = 64
+    images = [views.center_crop(im, size) for im in photos[:32]]
+    ref, out = reference_and_device_views(images, size, seed=11, precropped=True)
+    batch = {"x": ref["x"], "x_flip": torch.zeros(len(images), dtype=torch.bool)}
+    parts = [dv.geometric_views(im, size, np.random.default_rng([11, i]), True, True) for i, im in enumerate(images)]
+    batch["x"] = torch.stack([chw(p[0][0]) for p in parts])
+    batch["x_flip"] = torch.tensor([p[1] for p in parts])
+    batch["y1_params"] = dv.pack_y([p[2][0] for p in parts])
+    batch["y2_params"] = dv.pack_y([p[2][1] for p in parts])
+    from_base = dv.augment_views(batch, torch.device("cpu"))
+    for name in ("x", "y1", "y2"):
+        assert_close(from_base[name], ref[name], name)

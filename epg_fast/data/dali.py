@@ -203,7 +203,7 @@ class _Feeder:
             for c in self.columns
         )
 
-    def _read(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+    def _read(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int]]:
         """(file bytes DALI can decode, (width, height) from the header); raises for an
         unreadable file. The header, not the index, gives the size: it is parsed anyway for
         the format, and it is the size of the bytes fed even if the file changed since."""

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from epg_fast.data.device_views import crop_y
-from epg_fast.data.views import FLIP_P, Y1, Y2, YDraw, center_crop, draw_y, to_rgb
+from epg_fast.data.device_views import crop_y, draw_views
+from epg_fast.data.views import YDraw, center_crop, to_rgb
 
 _FACTORS = (8, 4, 2)
 
@@ -69,9 +69,7 @@ def reduced_geometric_views(
     ([x, y1, y2], x's flip, [y1's, y2's decisions], reduction factor used)."""
     with open(path, "rb") as f:
         width, height = Image.open(f).size  # header only
-    x_flip = bool(rng.random() < FLIP_P)
-    src = (size, size) if precropped else (width, height)
-    draws = [draw_y(*src, rng, **Y1), draw_y(*src, rng, **Y2)] if with_y else []
+    x_flip, draws = draw_views(width, height, size, rng, with_y, precropped)
     regions = [(width, height)]  # x: the center crop spans the short side
     if not precropped:
         regions += [d.box[2:] for d in draws]

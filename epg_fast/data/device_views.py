@@ -90,6 +90,7 @@ def pack_y(draws: Sequence[YDraw]) -> dict[str, torch.Tensor]:
         "blur_taps": torch.from_numpy(np.stack([box_blur_taps(d.sigma if d.blur else 0.0) for d in draws])),
         "solarize": torch.tensor([d.solarize for d in draws], dtype=torch.bool),
         "flip": torch.tensor([d.flip for d in draws], dtype=torch.bool),
+        "box": torch.tensor([d.box for d in draws], dtype=torch.int64),  # for crop_resize
     }
 
 
@@ -99,17 +100,26 @@ def crop_y(img: Image.Image, size: int, d: YDraw) -> Image.Image:
     return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
 
 
+def draw_views(
+    width: int, height: int, size: int, rng: np.random.Generator, with_y: bool, precropped: bool
+) -> tuple[bool, list[YDraw]]:
+    """views.make_views's decisions for a width x height image, in its order: x's flip (views.hflip's
+    coin), then y1's and y2's, drawn on the image or, pre-cropped, on the size x size center crop."""
+    x_flip = bool(rng.random() < FLIP_P)
+    if not with_y:
+        return x_flip, []
+    src = (size, size) if precropped else (width, height)
+    return x_flip, [draw_y(*src, rng, **Y1), draw_y(*src, rng, **Y2)]
+
+
 def geometric_views(
     img: Image.Image, size: int, rng: np.random.Generator, with_y: bool, precropped: bool
 ) -> tuple[list[Image.Image], bool, list[YDraw]]:
     """The worker's share of views.make_views: ([x, y1, y2] unflipped and un-jittered, x's flip,
     [y1's, y2's decisions]), drawing from `rng` exactly as make_views does."""
+    x_flip, draws = draw_views(img.width, img.height, size, rng, with_y, precropped)
     base = center_crop(img, size)
-    x_flip = bool(rng.random() < FLIP_P)  # views.hflip's coin
-    if not with_y:
-        return [base], x_flip, []
     src = base if precropped else img
-    draws = [draw_y(src.width, src.height, rng, **Y1), draw_y(src.width, src.height, rng, **Y2)]
     return [base] + [crop_y(src, size, d) for d in draws], x_flip, draws
 
 
@@ -121,6 +131,65 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
+_PRECISION = 22  # Pillow's resampling fixed point (PRECISION_BITS = 32 - 8 - 2)
+
+
+def _bilinear_taps(lengths: torch.Tensor, size: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for a bilinear resize of a
+    length-`lengths[b]` span to `size`: (first source index [B, size], integer weights
+    [B, size, K]), in double as in C. K covers spans up to max_length (known on the host,
+    so no device synchronisation): 3 when no span is longer than size."""
+    f64 = torch.float64
+    scale = lengths.to(f64).unsqueeze(1) / size  # [B, 1]
+    filterscale = scale.clamp(min=1.0)
+    support = filterscale  # bilinear support 1, stretched when downsampling
+    taps = 2 * max(1, -(-max_length // size)) + 1
+    center = (torch.arange(size, device=lengths.device, dtype=f64) + 0.5) * scale  # in0 = 0 (the crop's origin)
+    first = torch.trunc(center - support + 0.5).clamp(min=0)
+    last = torch.minimum(torch.trunc(center + support + 0.5), lengths.to(f64).unsqueeze(1))
+    k = torch.arange(taps, device=lengths.device, dtype=f64)
+    x = ((k + first.unsqueeze(2) - center.unsqueeze(2) + 0.5) / filterscale.unsqueeze(2)).abs()
+    w = torch.where((x < 1.0) & (k < (last - first).unsqueeze(2)), 1.0 - x, 0.0)
+    total = torch.zeros_like(center)
+    for j in range(taps):  # summed in C's order
+        total = total + w[..., j]
+    w = w / torch.where(total == 0, 1.0, total).unsqueeze(2)
+    return first.to(torch.int64), torch.trunc(0.5 + w * (1 << _PRECISION)).to(torch.int32)
+
+
+def _resample(img: torch.Tensor, start: torch.Tensor, length: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """One Pillow bilinear pass along `dim` (2 rows or 3 columns) of int32 images: the span
+    [start, start + length) of each sample resized to `size`, rounded to 0..255."""
+    first, weights = _bilinear_taps(length, size, img.shape[dim])
+    acc = torch.full((), 1 << (_PRECISION - 1), dtype=torch.int32, device=img.device)
+    shape = [img.shape[0], 1, 1, 1]
+    shape[dim] = size
+    out_shape = list(img.shape)
+    out_shape[dim] = size
+    for j in range(weights.shape[2]):
+        # Taps past the span have weight 0; clamp their index into it.
+        idx = start.unsqueeze(1) + torch.minimum(first + j, length.unsqueeze(1) - 1)
+        picked = torch.gather(img, dim, idx.view(shape).expand(out_shape))
+        acc = acc + picked * weights[..., j].view(shape)
+    return (acc >> _PRECISION).clamp_(0, 255)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """views.apply_y's geometry on the device: each sample's (left, top, width, height) box
+    cropped and resized to size x size with Pillow's bilinear filter, horizontal pass first,
+    each pass rounded to uint8 as Pillow does. uint8 [B, 3, H, W] -> uint8 [B, 3, size, size].
+
+    Exact for boxes no larger than size (the y crops of a pre-cropped R x R source, always),
+    and for boxes that shrink on both axes. Pillow >= 12 runs the vertical pass first for some
+    boxes that shrink on one axis only, which rounds differently (one level on ~20% of the
+    pixels); the loader cuts such crops (non-pre-cropped sources) in the worker instead."""
+    img = images.to(torch.int32)
+    left, top, width, height = boxes.unbind(1)
+    img = _resample(img, left, width, size, dim=3)
+    img = _resample(img, top, height, size, dim=2)
+    return img.to(torch.uint8)
+
+
 def _grey(img: torch.Tensor) -> torch.Tensor:
     """Pillow's "L" of an RGB batch, [B, 1, H, W] (exact in int32)."""
     r, g, b = img.to(torch.int32).unbind(1)
@@ -128,22 +197,24 @@ def _grey(img: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Image.blend(degenerate, img, factor): float32, then truncated and clipped to 0..255."""
+    """Image.blend(degenerate, img, factor): float32, then truncated and clipped to 0..255.
+    A factor of 1 returns img exactly (d + 1 * (img - d) = img in floating point)."""
     return (degenerate + _per_sample(factor) * (img - degenerate)).clamp_(0, 255).floor_()
 
 
-def _brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(torch.zeros_like(img), img, factor)
-
-
-def _contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _contrast_mean(img: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast's degenerate grey level: the grey image's mean, rounded, [B, 1, 1, 1]."""
     grey = _grey(img).to(torch.int64)
     mean = grey.sum(dim=(1, 2, 3)).double() / grey[0].numel()  # ImageStat's mean, in double
-    return _blend(_per_sample(torch.floor(mean + 0.5).to(img.dtype)), img, factor)
+    return _per_sample(torch.floor(mean + 0.5).to(img.dtype))
 
 
-def _saturation(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(_grey(img), img, factor)
+def _enhance(img: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """One of ImageEnhance's blends per sample, chosen by op: 0 brightness (towards black),
+    1 contrast (towards the mean grey), 2 saturation (towards the grey image)."""
+    op = _per_sample(op)
+    degenerate = torch.where(op == 0, 0.0, torch.where(op == 1, _contrast_mean(img), _grey(img)))
+    return _blend(degenerate, img, factor)
 
 
 def _round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -189,15 +260,21 @@ def _hue(img: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _jitter(img: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ColorJitter with per-sample op order: at each of the four positions every sample runs
-    the op it drew there; the others get an identity factor (blend with factor 1 is exact)
-    or keep their pixels (hue, whose HSV round trip is not an identity)."""
-    ones = torch.ones_like(p["factors"][:, 0])
-    for k in range(4):
-        op = p["order"][:, k]
-        for j, fn in enumerate((_brightness, _contrast, _saturation)):
-            img = fn(img, torch.where(p["jitter"] & (op == j), p["factors"][:, j], ones))
-        img = torch.where(_per_sample(p["jitter"] & (op == 3)), _hue(img, p["hue_delta"]), img)
+    """ColorJitter with per-sample op order, without a loop over samples: the hue shift (the
+    costly op, and not an identity at shift 0) runs once for all samples, between the blends
+    each sample drew before it and those it drew after; at each position a sample runs its
+    drawn blend, or one with factor 1 (an exact identity) when the op is elsewhere."""
+    order, jitter = p["order"], p["jitter"]
+    hue_at = torch.where(jitter, (order == 3).to(torch.int64).argmax(dim=1), 4)  # 4: no hue
+    factors = torch.cat([p["factors"], torch.ones_like(p["factors"][:, :1])], dim=1)  # op 3 -> factor 1
+    for after_hue in (False, True):
+        for k in range(4):
+            runs = jitter & ((k > hue_at) if after_hue else (k < hue_at)) & (order[:, k] != 3)
+            op = order[:, k].clamp(max=2)
+            factor = torch.where(runs, factors.gather(1, order[:, k : k + 1]).squeeze(1), 1.0)
+            img = _enhance(img, op, factor)
+        if not after_hue:
+            img = torch.where(_per_sample(hue_at < 4), _hue(img, p["hue_delta"]), img)
     return img
 
 
@@ -248,11 +325,17 @@ def augment_views(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
     In: uint8 "x" (unflipped center crops), "x_flip" (bool [B]), and in pre-training "y1", "y2"
     (geometric crops) with "y1_params", "y2_params" (`pack_y`); other keys pass through.
+    Without "y1"/"y2" but with their params (a pre-cropped source such as raw shards), the
+    y crops are cut from x on the device (crop_resize), as make_views(precropped=True) does.
     Out: "x", "y1", "y2" as make_views's views (uint8), ready for views.normalize."""
     out = {k: v for k, v in batch.items() if not k.endswith(("_params", "_flip"))}
-    out["x"] = flip(batch["x"].to(device, non_blocking=True), batch["x_flip"].to(device, non_blocking=True))
+    base = batch["x"].to(device, non_blocking=True)
+    out["x"] = flip(base, batch["x_flip"].to(device, non_blocking=True))
     for view in ("y1", "y2"):
-        if view in batch:
+        if f"{view}_params" in batch:
             params = {k: v.to(device, non_blocking=True) for k, v in batch[f"{view}_params"].items()}
-            out[view] = augment_y(batch[view].to(device, non_blocking=True), params)
+            crops = batch[view].to(device, non_blocking=True) if view in batch else None
+            if crops is None:
+                crops = crop_resize(base, params["box"], base.shape[-1])
+            out[view] = augment_y(crops, params)
     return out

@@ -2,20 +2,24 @@
 two executors (data.loader): "torch" (PIL in DataLoader workers, torch_loader.py) or "dali"
 (NVIDIA DALI, dali.py). Both execute the same `BatchPlan`, so they hold the same samples with
 the same random decisions; the position, its checkpoint state and the reports of unreadable
-files are kept here, once for both.
+files are kept here, once for both, and `to_device` finishes a batch on the training device.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
-from epg_fast.config import DataConfig
-from epg_fast.data.index import DataError, scan_image_folder
+from epg_fast.config import ConfigError, DataConfig
+from epg_fast.data.device_views import augment_views
+from epg_fast.data.index import DataError, ImageIndex, scan_image_folder
 from epg_fast.data.plan import BatchPlan, Made
+from epg_fast.data.shards import INDEX as SHARD_INDEX
+from epg_fast.data.shards import RawShards
 from epg_fast.data.torch_loader import TorchBatches
 
 log = logging.getLogger("epg_fast.data")
@@ -39,12 +43,13 @@ class ImageLoader:
     new `iter()` or `load_state_dict()` retires the previous iterator.
     """
 
-    def __init__(self, plan: BatchPlan, source: BatchSource, image_size: int) -> None:
+    def __init__(self, plan: BatchPlan, source: BatchSource, image_size: int, augment: str = "pil") -> None:
         self.num_images = len(plan.index)
         self.num_classes = len(plan.index.classes)
         self.classes = plan.index.classes  # folder names; label = position
         self.steps_per_epoch = plan.steps_per_epoch
         self.source = source
+        self.augment = augment
         self._plan = plan
         self._size = image_size
         self.epoch = 0
@@ -77,6 +82,13 @@ class ImageLoader:
         epoch, batch = epoch + batch // self.steps_per_epoch, batch % self.steps_per_epoch
         self.epoch, self.batch = epoch, batch
         self._generation += 1
+
+    def to_device(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """A batch on the training device with its final uint8 views: with data.augment=device
+        the photometric augmentations (and raw shards' y crops) run here, batched."""
+        if self.augment == "device":
+            return augment_views(batch, device)
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._generation += 1
@@ -134,7 +146,18 @@ def build_loader(
 ) -> ImageLoader:
     """This rank's loader of `views` (("x",) or ("x", "y1", "y2")) and labels; data.loader
     picks the executor: "torch", or "dali" on `device` (CPU operators for a CPU device, GPU
-    ones for a CUDA device). Raises DataError (one line) for an unusable data root."""
+    ones for a CUDA device); data.format the source (image files or raw shards), data.augment
+    where the augmentations run. Raises DataError (one line) for an unusable data root and
+    ConfigError for a combination the executor does not run."""
+    if cfg.loader == "dali" and (cfg.format != "folder" or cfg.augment != "pil"):
+        # DALI decodes and augments in its own graph; raw shards need neither, and the torch
+        # loader with device augmentation already reads them at ~0.1 ms per image and core.
+        raise ConfigError(f"data.loader=dali runs data.format=folder with data.augment=pil only "
+                          f"(got format={cfg.format}, augment={cfg.augment}); use data.loader=torch")
+    if cfg.decode_draft and cfg.augment != "device":
+        raise ConfigError("data.decode_draft=true needs data.augment=device (the PIL path decodes in full)")
+    if cfg.decode_draft and cfg.format == "raw":
+        raise ConfigError("data.decode_draft=true does not apply to data.format=raw (nothing to decode)")
     if cfg.loader == "dali":
         from epg_fast.data.dali import DaliBatches  # optional dependency: fails before the scan
     elif cfg.loader != "torch":
@@ -152,16 +175,25 @@ def build_loader(
         root = ensure_demo_data()
     else:
         root = cfg.root
-    index = scan_image_folder(root, cache=cfg.index_cache)
+    index = _open_source(cfg, root, image_size)
     plan = BatchPlan(index, global_batch, rank, world_size, seed)
     if plan.steps_per_epoch == 0:
         raise DataError(
             f"{index.root} has {len(index)} images, fewer than one global batch of {global_batch}"
         )
+    draft = cfg.decode_draft and not cfg.precropped
+    if cfg.decode_draft and cfg.precropped:
+        log.info("data.decode_draft: off for a pre-cropped tree (R x R files cannot be decoded smaller)")
+    source_kind = "raw shards" if cfg.format == "raw" else "pre-cropped files" if cfg.precropped else "files"
+    if cfg.augment == "pil":
+        where = "pil, in the loader"
+    elif cfg.format == "raw":
+        where = "device; the loader copies the crops"
+    else:
+        where = f"device; the loader decodes{' small' if draft else ''} and crops"
     log.info(
-        "data: %d images in %d classes under %s (%s), %d steps per epoch",
-        len(index), len(index.classes), index.root,
-        "pre-cropped" if cfg.precropped else "raw", plan.steps_per_epoch,
+        "data: %d images in %d classes under %s (%s; augment: %s), %d steps per epoch",
+        len(index), len(index.classes), index.root, source_kind, where, plan.steps_per_epoch,
     )
     with_y = len(views) > 1
     if cfg.loader == "dali":
@@ -169,5 +201,19 @@ def build_loader(
         source: BatchSource = DaliBatches(plan, image_size, with_y, cfg.precropped, threads=max(1, cfg.workers),
                                           prefetch=max(1, cfg.prefetch), device=device or torch.device("cpu"))
     else:
-        source = TorchBatches(plan, image_size, with_y, cfg.precropped, workers=cfg.workers, prefetch=cfg.prefetch)
-    return ImageLoader(plan, source, image_size)
+        source = TorchBatches(plan, image_size, with_y, cfg.precropped, workers=cfg.workers, prefetch=cfg.prefetch,
+                              augment=cfg.augment, draft=draft)
+    return ImageLoader(plan, source, image_size, cfg.augment)
+
+
+def _open_source(cfg: DataConfig, root, image_size: int) -> ImageIndex | RawShards:
+    """The plan's index: the scanned ImageFolder tree, or a raw-shard folder's own index."""
+    if cfg.format == "raw":
+        shards = RawShards(root)
+        if shards.size != image_size:
+            raise DataError(f"{shards.root} holds {shards.size}x{shards.size} crops, the model takes {image_size}; "
+                            f"write shards at --size {image_size}")
+        return shards
+    if os.path.isfile(os.path.join(root, SHARD_INDEX)):
+        raise DataError(f"{root} is a raw-shard folder ({SHARD_INDEX}); set data.format=raw")
+    return scan_image_folder(root, cache=cfg.index_cache)

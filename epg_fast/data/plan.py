@@ -40,7 +40,9 @@ class Sample(Generic[T]):
     index: int  # the image (position in the index)
     hop: int  # steps walked past unreadable files to reach it (0: the planned image)
     item: T  # what the loader's `read` returned for it
-    rng: np.random.Generator  # its augmentations draw from this, in views.make_views's order
+    # Its augmentations draw from this, in views.make_views's order (a `read` that needs the
+    # decisions first, such as the decode-small reader, has drawn them already).
+    rng: np.random.Generator
 
 
 class Made(NamedTuple):
@@ -81,12 +83,13 @@ class BatchPlan:
                 epoch, batch = epoch + 1, 0
 
     def samples(
-        self, epoch: int, batch: int, read: Callable[[int], T], verdicts: dict[int, str],
+        self, epoch: int, batch: int, read: Callable[[int, np.random.Generator], T], verdicts: dict[int, str],
         skipped: list[tuple[str, str]],
     ) -> Iterator[Sample[T]]:
         """This rank's samples of batch (epoch, batch), slot by slot.
 
-        `read(i)` loads image i and raises on an unreadable file. The plan then records why
+        `read(i, rng)` loads image i (it may draw from the sample's generator `rng`) and
+        raises on an unreadable file. The plan then records why
         in `verdicts` (index -> reason, the caller's: a file found unreadable is not read
         again) and in `skipped` ((path, reason) of every unreadable file met, for the
         report), and walks on to the next image of the permutation; after a global batch
@@ -100,8 +103,9 @@ class BatchPlan:
                 i = int(perm[(pos + hop) % n])
                 reason = verdicts.get(i)
                 if reason is None:
+                    rng = np.random.default_rng([self.seed, epoch, i, hop])
                     try:
-                        item = read(i)
+                        item = read(i, rng)
                         break
                     except Exception as e:  # decoders raise many types on corrupt input (OSError, SyntaxError, ...)
                         reason = verdicts[i] = unreadable_reason(e)
@@ -110,7 +114,7 @@ class BatchPlan:
                 path, reason = skipped[-1]
                 raise DataError(f"{hops} files in a row failed to decode under {self.index.root} "
                                 f"(last: {path}: {reason})")
-            yield Sample(i, hop, item, np.random.default_rng([self.seed, epoch, i, hop]))
+            yield Sample(i, hop, item, rng)
 
     def state(self) -> dict[str, int]:
         """The setup a data position is valid for (stored with it in checkpoints)."""

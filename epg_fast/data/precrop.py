@@ -10,8 +10,8 @@ default), as JPEG (--quality, default 95; smaller, decoded at every read), or, w
 is created, empty ones too, so labels (the sorted folder order) stay the same. Files are
 written under a temporary name and renamed, and existing outputs are skipped, so an
 interrupted run can simply be started again. Files that fail to decode are listed, not
-written. Train on a png or jpeg DST with `data.precropped=true` (the loaders read raw shards in
-a later change).
+written. Train on a png or jpeg DST with `data.precropped=true`, on a raw DST with
+`data.format=raw` (the torch loader).
 """
 
 from __future__ import annotations
