@@ -16,6 +16,7 @@ import torch
 from epg_fast.config import DataConfig
 from epg_fast.data.index import DataError, scan_image_folder
 from epg_fast.data.plan import BatchPlan, Made
+from epg_fast.data.synthetic import SyntheticLoader
 from epg_fast.data.torch_loader import TorchBatches
 
 log = logging.getLogger("epg_fast.data")
@@ -130,11 +131,16 @@ class ImageLoader:
 
 def build_loader(
     cfg: DataConfig, image_size: int, views: tuple[str, ...], global_batch: int,
-    rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | None = None,
-) -> ImageLoader:
+    rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | None = None, num_classes: int = 1000,
+) -> ImageLoader | SyntheticLoader:
     """This rank's loader of `views` (("x",) or ("x", "y1", "y2")) and labels; data.loader
     picks the executor: "torch", or "dali" on `device` (CPU operators for a CPU device, GPU
-    ones for a CUDA device). Raises DataError (one line) for an unusable data root."""
+    ones for a CUDA device). Raises DataError (one line) for an unusable data root.
+    data.source=synthetic: random images and labels in 0..num_classes-1 instead (no disk)."""
+    if cfg.source == "synthetic":
+        log.info("data: synthetic (random pixels and labels, %d classes; data.root and data.loader unused)",
+                 num_classes)
+        return SyntheticLoader(image_size, views, global_batch, num_classes, rank, world_size, seed, device)
     if cfg.loader == "dali":
         from epg_fast.data.dali import DaliBatches  # optional dependency: fails before the scan
     elif cfg.loader != "torch":

@@ -137,7 +137,7 @@ def consistency_loss(
     per_image = weight * d2 / torch.sqrt(d2.detach() + huber_c**2)
 
     metrics = {
-        "stage": torch.tensor(float(stage), device=x.device),
+        "stage": float(stage),  # a host number: the same on every rank
         "t": t.mean().float(),
         "t_minus_r": (t - r).mean().float(),
         "d2": d2.detach().mean(),
