@@ -83,7 +83,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from epg_fast.config import Config, ModelConfig, TrainConfig  # noqa: E402
-from epg_fast.metrics import GPUTelemetry  # noqa: E402
+from epg_fast.metrics import PEAK_BF16_TFLOPS, PEAK_MATMUL_N, GPUTelemetry, measured_peak_tflops  # noqa: E402
 from epg_fast.ops import Ops  # noqa: E402
 from epg_fast.stages import build_stage, resolve_config, stage_named  # noqa: E402
 
@@ -91,8 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also when
 from report import fmt, git_commit, write_report  # noqa: E402
 
 CPU_LABEL = "CPU smoke — numbers meaningless (Triton interpreter, tiny models; checks the harness)"
-DATASHEET_BF16_TFLOPS = 989.4  # H100/H200 SXM dense bf16, as epg_fast.metrics.PEAK_BF16_TFLOPS
-PEAK_MATMUL_N = 8192
+DATASHEET_BF16_TFLOPS = PEAK_BF16_TFLOPS["H200"]  # H100/H200 SXM dense bf16
 WORKLOADS = ("pretrain", "denoise", "dit")
 VARIANTS = ("reference", "fast", "compile")
 DEFAULT_BATCH = {"pretrain": 128, "denoise": 64, "dit": 256}
@@ -123,11 +122,6 @@ def mfu(tflops: float | None, peak_tflops: float | None) -> float | None:
     if tflops is None or not peak_tflops:
         return None
     return tflops / peak_tflops
-
-
-def matmul_tflops(n: int, ms: float) -> float:
-    """TFLOP/s of an n x n x n matmul that took `ms` milliseconds (2 n^3 operations)."""
-    return 2.0 * n**3 / (ms * 1e-3) / 1e12
 
 
 def summarize_samples(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -482,27 +476,6 @@ class TelemetrySampler:
         return summarize_samples(self.samples)
 
 
-def measure_bf16_peak(dev: torch.device, n: int = PEAK_MATMUL_N) -> float:
-    """TFLOP/s of a bf16 n^3 matmul: the median of 5 timings of 10 back-to-back matmuls."""
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    for _ in range(3):
-        torch.mm(a, b, out=c)
-    ms = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            torch.mm(a, b, out=c)
-        end.record()
-        torch.cuda.synchronize(dev)
-        ms.append(start.elapsed_time(end) / 10)
-    del a, b, c
-    torch.cuda.empty_cache()
-    return matmul_tflops(n, statistics.median(ms))
-
-
 def first_line(message: str, limit: int = 300) -> str:
     """The first line of an error message (also of one whose repr holds escaped newlines)."""
     line = message.strip().replace("\\n", "\n").split("\n")[0].strip()
@@ -800,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         triton_version = "not installed"
     dev = torch.device("cuda" if cuda else "cpu")
-    peak = measure_bf16_peak(dev) if cuda else None
+    peak_info = measured_peak_tflops(dev)  # the trainer's MFU denominator (cached per GPU name)
+    peak = peak_info.measured if peak_info else None
     telemetry = GPUTelemetry(dev) if cuda else None
     if cuda:
         device_name = torch.cuda.get_device_name(dev)
@@ -834,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         git_commit=git_commit(),
-        peak_bf16=(f"measured {peak:.0f} TFLOP/s ({PEAK_MATMUL_N}^3 bf16 torch.mm); datasheet {DATASHEET_BF16_TFLOPS:g}"
+        peak_bf16=(f"measured {peak:.0f} TFLOP/s ({PEAK_MATMUL_N}^3 bf16 torch.mm, epg_fast.metrics.measured_peak_tflops, "
+                   f"as the trainer's MFU); datasheet {DATASHEET_BF16_TFLOPS:g}"
                    if peak else "not measured (no CUDA)"),
         peak_bf16_measured_tflops=peak,
         peak_bf16_datasheet_tflops=DATASHEET_BF16_TFLOPS,

@@ -78,6 +78,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str | None = None  # ImageFolder tree; None = the embedded demo data (smoke test only)
+    # "images" (the tree at root) or "synthetic" (random pixels and labels, no disk: benchmarks, smoke runs)
+    source: str = field(default="images", metadata=_choices("images", "synthetic"))
     loader: str = field(default="torch", metadata=_choices("torch", "dali"))  # dali: pip install -e ".[dali]"
     precropped: bool = False  # tree already holds ADM center crops at image_size (paper setup)
     # "folder": an ImageFolder tree of image files; "raw": uint8 center-crop shards written by
@@ -165,6 +167,8 @@ class OptimConfig:
     factors: list[float] = field(default_factory=list)
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     clip_after_warmup: bool = False  # clip only from step warmup_steps on (reference denoising)
+    # The AdamW kernel (epg_fast.optimizers): torch (fused on CUDA), deepspeed (FusedAdam), apex (FusedAdam)
+    impl: str = field(default="torch", metadata=_choices("torch", "deepspeed", "apex"))
 
 
 @dataclass
@@ -181,6 +185,8 @@ class TrainConfig:
     sample_every: int = 5000  # fine-tuning: steps between EMA sample grids in run_dir/samples (0 = never)
     keep_last: int = 3  # completed checkpoints kept on disk
     resume: str = "auto"  # "auto" (newest valid checkpoint in run_dir), "none", or a checkpoint path
+    compile: bool = False  # torch.compile the online network (and the target where the loss runs it)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" compiles fast (tests)
 
 
 @dataclass
@@ -188,7 +194,7 @@ class LogConfig:
     every: int = 10  # steps between metric lines
     progress: bool = True
     tensorboard: bool = True
-    peak_tflops: float | None = None  # MFU denominator; None = looked up from the GPU name
+    peak_tflops: float | None = None  # MFU denominator; None = the measured bf16 matmul peak (cached per GPU)
     breakdown: bool = True  # time/<phase> shares of the step time in every metrics record
     profile: str | None = None  # "STEP:N": torch.profiler trace of N steps from STEP into <run_dir>/profile/
     profile_stack: bool = False  # Python stacks in that trace (larger, slower)

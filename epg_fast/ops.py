@@ -86,6 +86,8 @@ class Ops:
         return dict(self._taken)
 
     def _record(self, op: str, path: str) -> None:
+        if torch.compiler.is_compiling():  # logging would break the graph; eager calls record the path
+            return
         if self._taken.get(op) != path:
             self._taken[op] = path
             log.info("op %-16s -> %s", op, path)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from epg_fast.config import Config, OptimConfig
+from epg_fast.optimizers import adamw
 
 TOKENS = ("pos_embed", "cls_token")  # exempt from weight decay when optim.decay_tokens=false
 
@@ -34,9 +35,11 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW of `optim.impl` (epg_fast.optimizers) over the parameter groups, at optim.lr
+    (scaled by global_batch / 1024 with optim.scale_lr)."""
     lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
-    return torch.optim.AdamW(param_groups(model, cfg.optim), lr=lr, betas=tuple(cfg.optim.betas))
+    return adamw(param_groups(model, cfg.optim), cfg.optim.impl, lr, tuple(cfg.optim.betas), device)
 
 
 def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:

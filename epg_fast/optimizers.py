@@ -30,7 +30,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def build_optimizer(
+def adamw(
     param_groups: Iterable[dict] | Iterable[torch.nn.Parameter],
     impl: str,
     lr: float,

@@ -29,6 +29,15 @@ def karras_sigmas(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return ((hi + i / (n - 1) * (lo - hi)) ** RHO).to(dtype)
 
 
+def karras_sigma(i: int, n: int) -> float:
+    """Level i of `karras_sigmas(n)` as a Python float, computed on the host (a training step
+    reads its levels without touching a device tensor)."""
+    if n < 2 or not 0 <= i < n:
+        raise ValueError(f"level {i} of a {n}-level Karras grid")
+    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    return (hi + i / (n - 1) * (lo - hi)) ** RHO
+
+
 def c_in(t: Tensor) -> Tensor:
     """Input scale for a noisy input at shifted level t."""
     return 1.0 / torch.sqrt(t**2 + SIGMA_DATA**2)

@@ -18,7 +18,10 @@ numbers (or tensors made without a device argument that are never read as scalar
 region). Device copies cannot be seen on CPU (source and destination are the same device).
 
 Tensors that live on the host in a GPU run too (an optimiser's step counters: torch's AdamW
-keeps them on the CPU unless fused or capturable) are exempted with `treat_as_host(tensors)`.
+keeps them on the CPU unless fused or capturable) are exempted with `treat_as_host(tensors)`;
+code whose tensors are on the host by construction (draws from a CPU torch.Generator, made
+without a device argument) runs inside `on_host()`, which a counter does not count on CPU
+either (on a GPU run such tensors are CPU tensors, which never count).
 
 Each event keeps its stack; `where` is the innermost frame in this project's code.
 """
@@ -59,6 +62,25 @@ class SyncEvent:
         return show(ours[-1]) + (f" <- {show(deeper)}" if deeper else "")
 
 
+_on_host_depth = 0
+
+
+class on_host:
+    """`with on_host(): ...` marks a region whose tensors live on the host by construction (no
+    device argument, CPU generators): its scalar reads of CPU tensors and its tensors made on
+    the CPU are host operations, not counted even with `cpu_as_device`. Keep it small: on a
+    CPU run a stand-in device tensor read inside it would go unseen (on a GPU run a CUDA
+    tensor read still counts). Reusable and reentrant."""
+
+    def __enter__(self) -> None:
+        global _on_host_depth
+        _on_host_depth += 1
+
+    def __exit__(self, *exc) -> None:
+        global _on_host_depth
+        _on_host_depth -= 1
+
+
 class _Uploads(TorchFunctionMode):
     def __init__(self, counter: SyncCounter) -> None:
         super().__init__()
@@ -67,7 +89,8 @@ class _Uploads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _UPLOADS and kwargs.get("device") is not None:
-            if self.counter.counts_device(torch.device(kwargs["device"])):
+            device = torch.device(kwargs["device"])
+            if self.counter.counts_device(device) and not (_on_host_depth and device.type == "cpu"):
                 self.counter.record("upload", f"torch.{func.__name__}")
         return func(*args, **kwargs)
 
@@ -81,7 +104,8 @@ class _DeviceOps(TorchDispatchMode):
         kwargs = kwargs or {}
         c = self.counter
         if func is aten._local_scalar_dense.default:
-            if c.counts_device(args[0].device) and not c.is_host(args[0]):
+            t = args[0]
+            if c.counts_device(t.device) and not c.is_host(t) and not (_on_host_depth and t.device.type == "cpu"):
                 c.record("scalar_read", "item")
         elif func is aten._to_copy.default and kwargs.get("device") is not None:
             src, dst = args[0].device, torch.device(kwargs["device"])

@@ -26,6 +26,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,12 +37,13 @@ from epg_fast.checkpoint import Checkpoints, is_complete
 from epg_fast.config import STAGES, Config, ConfigError, check_world, preset_comments
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
-from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
+from epg_fast.metrics import GPUTelemetry, MetricsWriter, PeakTflops, measured_peak_tflops
 from epg_fast.ops import Ops
 from epg_fast.optim import GradClip, build_optimizer, build_scheduler
 from epg_fast.profiling import Profiling, format_breakdown
 from epg_fast.sample import write_sample_grid
 from epg_fast.stages import Stage, build_stage, load_config, stage_named
+from epg_fast.syncs import on_host
 
 log = logging.getLogger("epg_fast")
 
@@ -132,14 +134,25 @@ def step_generator(gen: torch.Generator, seed: int, step: int, rank: int) -> tor
     return gen.manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**63)
 
 
-def sync_step_decisions(draws: tuple[int, ...], stop: bool, device: torch.device) -> tuple[tuple[int, ...], bool]:
-    """Rank 0's draws (pre-training's level index) reach every rank, and a stop request on
-    any rank stops all, in one all-reduce."""
-    own = draws if dist.get_rank() == 0 else (0,) * len(draws)
-    t = torch.tensor([*own, int(stop)], device=device, dtype=torch.int64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return tuple(int(v) for v in t[:-1]), bool(t[-1])
+def stop_group(world: int, device: torch.device) -> dist.ProcessGroup | None:
+    """The group the ranks agree on a stop request in: None with one rank (nothing to agree
+    on), else a gloo group, whose all-reduce of a CPU tensor is a host operation (on CUDA a
+    gloo group beside NCCL's: an NCCL all-reduce read on the host would wait for the device)."""
+    if world == 1:
+        return None
+    return dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+
+
+def agree_to_stop(requested: bool, group: dist.ProcessGroup | None) -> bool:
+    """A stop request on any rank stops every rank at the same step. Each step, because a
+    signal reaches the ranks at different times; a host-side all-reduce (see `stop_group`):
+    the ranks' host threads meet, the device queue is untouched."""
+    if group is None:
+        return requested
+    flag = torch.tensor([int(requested)], dtype=torch.int64)  # CPU, no device argument
+    dist.all_reduce(flag, group=group)
+    with on_host():
+        return bool(flag)
 
 
 @torch.no_grad()
@@ -184,6 +197,34 @@ def mean_over_ranks(values: dict, world: int) -> dict:
     return {"loss": out.pop("loss"), **out}
 
 
+def compile_networks(cfg: Config, stage: Stage) -> None:
+    """train.compile: torch.compile the online network and, where the loss runs it, the shadow,
+    in place (nn.Module.compile: same parameters and state-dict keys, so checkpoints do not
+    change); compiled lazily, at the first step."""
+    if not cfg.train.compile:
+        return
+    stage.model.compile(backend=cfg.train.compile_backend)
+    if stage.shadow_in_loss:
+        stage.shadow.compile(backend=cfg.train.compile_backend)
+    log.info("torch.compile (backend %s) of the online network%s: compiled at the first step",
+             cfg.train.compile_backend, " and the target" if stage.shadow_in_loss else "")
+
+
+def build_engine(cfg: Config, stage: Stage, device: torch.device, world: int, precision: str):
+    """(engine, optimizer, lr scheduler): DeepSpeed around the stage's online network, AdamW of
+    optim.impl (epg_fast.optimizers) with the lr schedule of epg_fast.optim."""
+    import deepspeed
+
+    optimizer = build_optimizer(stage.model, cfg, device)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=stage.model,
+        optimizer=optimizer,
+        lr_scheduler=build_scheduler(cfg),
+        config=deepspeed_config(cfg, world, precision),
+    )
+    return engine, optimizer, scheduler
+
+
 class ShadowEMA:
     """The shadow network (pre-training's target f-, fine-tuning's EMA weights): EMA of the
     online parameters after every optimiser step, and of the floating-point buffers (BatchNorm
@@ -210,6 +251,63 @@ class ShadowEMA:
             self.ops.ema_update(self.target_buffers, self.online_buffers, self.rate)
 
 
+class StepOutput(NamedTuple):
+    loss: torch.Tensor
+    parts: dict  # the stage's metrics: device tensors and host numbers
+    grad_norm: float | None  # on logging steps when taken here (see local_grad_norm)
+    stop: bool  # every rank stops after this step
+
+
+class TrainStep:
+    """One training step from the host batch to the shadow's update: the loop body of `train`,
+    and what benchmarks/sync_count.py counts and benchmarks/throughput.py times.
+
+    No host-device synchronisation on a non-logging step (tests/test_step_syncs.py): the
+    step's shared decisions (pre-training's level index) are drawn by every rank from a CPU
+    generator seeded by (seed, step) alone, so they need no broadcast; level values are host
+    floats; the stop request is agreed on the host (`agree_to_stop`); the batch's copy does
+    not block. Logging steps read the loss and the gradient norm, and synchronise.
+    """
+
+    def __init__(self, cfg: Config, stage: Stage, engine, device: torch.device, rank: int, precision: str,
+                 ops: Ops, prof: Profiling, stop_group: dist.ProcessGroup | None = None,
+                 to_device: Callable[[dict, torch.device], dict] | None = None) -> None:
+        self.cfg, self.stage, self.engine, self.device, self.rank, self.prof = cfg, stage, engine, device, rank, prof
+        # The loader's copy to the device (with data.augment=device it also finishes the views).
+        self.to_device = to_device or (lambda b, dev: {k: v.to(dev, non_blocking=True) for k, v in b.items()})
+        self.clip = GradClip(cfg.optim)
+        self.ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.average_buffers,
+                             cfg.train.zero_stage, ops)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        self.decisions = torch.Generator()  # CPU: rank 0's draws, made alike by every rank
+        self.noise = torch.Generator(device=device)  # this rank's noise, on the device
+        self.own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
+        self.stop_group = stop_group
+
+    def __call__(self, step: int, host_batch: dict[str, torch.Tensor], stop_requested: bool = False,
+                 log_now: bool = False) -> StepOutput:
+        cfg, stage, engine, prof = self.cfg, self.stage, self.engine, self.prof
+        with prof.phase("h2d"):
+            batch = self.to_device(host_batch, self.device)
+        with prof.phase("comm"):
+            with on_host():  # a CPU generator's draws: host numbers by construction
+                draws = stage.draws(step, step_generator(self.decisions, cfg.train.seed, step, 0))
+            stop_now = agree_to_stop(stop_requested, self.stop_group)
+        with prof.phase("forward"), self.autocast:
+            loss, parts = stage.loss(engine, batch, step, draws,
+                                     step_generator(self.noise, cfg.train.seed, step, self.rank + 1))
+        with prof.phase("backward"):
+            engine.backward(loss)
+        gnorm = local_grad_norm(engine.module) if log_now and self.own_grad_norm else None
+        self.clip.apply(engine, step)
+        with prof.phase("optimizer"):
+            engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
+        with prof.phase("ema"):
+            self.ema.update()
+        return StepOutput(loss, parts, gnorm, stop_now)
+
+
 def describe_config(cfg: Config, comments: str) -> str:
     """The preset's comment block (where each value comes from) and the resolved config."""
     return "\n".join(([f"preset notes:\n{comments}"] if comments else [])
@@ -217,7 +315,8 @@ def describe_config(cfg: Config, comments: str) -> str:
 
 
 def startup_block(cfg: Config, world: int, device: torch.device, precision: str, stage: Stage, loader,
-                  autocast_dtype, ops: Ops, comments: str = "") -> None:
+                  autocast_dtype, ops: Ops, optimizer: torch.optim.Optimizer, peak: PeakTflops | None,
+                  comments: str = "") -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     lines = [
         describe_config(cfg, comments),
@@ -228,10 +327,37 @@ def startup_block(cfg: Config, world: int, device: torch.device, precision: str,
         f"kernels {ops.kernels_for(device)}; ZeRO stage {cfg.train.zero_stage}",
         f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
         f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}; "
-        f"loader: {cfg.data.loader} ({type(loader).__module__}.{type(loader).__name__})",
+        f"source: {cfg.data.source}; loader: {cfg.data.loader} ({type(loader).__module__}.{type(loader).__name__})",
         f"compute      {2 * stage.macs_per_image(cfg) / 1e9:.2f} GFLOP per image per step ({stage.compute()})",
+        f"optimiser    optim.impl={cfg.optim.impl}: {optimizer_kernel(optimizer)}; "
+        f"compile {cfg.train.compile_backend if cfg.train.compile else 'off'}",
+        f"MFU peak     {mfu_line(cfg.log.peak_tflops, peak)}",
     ]
     log.info("\n".join(lines))
+
+
+def optimizer_kernel(optimizer: torch.optim.Optimizer) -> str:
+    kind = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    defaults = optimizer.defaults
+    flags = [k for k in ("fused", "foreach") if defaults.get(k)]
+    return kind + (f" ({', '.join(flags)})" if flags else "")
+
+
+def mfu_line(override: float | None, peak: PeakTflops | None) -> str:
+    """Which peak MFU divides by: log.peak_tflops, else the measured bf16 matmul peak."""
+    datasheet = f"datasheet {peak.datasheet:.0f}" if peak and peak.datasheet else "no datasheet figure"
+    if override:
+        return f"{override:.0f} TFLOP/s (log.peak_tflops)" + (f"; measured {peak.measured:.0f}, {datasheet}" if peak else "")
+    if peak:
+        return f"{peak.measured:.0f} TFLOP/s, the measured bf16 matmul peak ({datasheet})"
+    return "none on CPU (no mfu)"
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile has met so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def train(cfg: Config, comments: str = "") -> int:
@@ -246,23 +372,14 @@ def train(cfg: Config, comments: str = "") -> int:
     # The data first: a bad root fails in a second, before any model is built.
     loader = build_loader(
         cfg.data, image_size=cfg.model.image_size, views=stage_named(cfg.stage).views, global_batch=cfg.train.global_batch,
-        rank=rank, world_size=world, seed=cfg.train.seed, device=device,
+        rank=rank, world_size=world, seed=cfg.train.seed, device=device, num_classes=cfg.model.num_classes,
     )
-    import deepspeed  # here, not at the top: setup_distributed chose its accelerator
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # imported by build_engine, after setup_distributed
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = build_stage(cfg, device, ops)
-    optimizer = build_optimizer(stage.model, cfg)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=stage.model,
-        optimizer=optimizer,
-        lr_scheduler=build_scheduler(cfg),
-        config=deepspeed_config(cfg, world, precision),
-    )
-    clip = GradClip(cfg.optim)
-    ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.average_buffers, cfg.train.zero_stage, ops)
+    compile_networks(cfg, stage)
+    engine, optimizer, scheduler = build_engine(cfg, stage, device, world, precision)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
@@ -279,9 +396,16 @@ def train(cfg: Config, comments: str = "") -> int:
         step = state["step"]
         log.info("resumed from %s at step %d", resume, step)
     end = cfg.train.stop_after or cfg.train.total_steps
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # Step-time breakdown, traces and memory (epg_fast/profiling.py): phases are timed on a few
+    # steps of each logging window and read at the logging step, so other steps do not sync.
+    prof = Profiling(cfg.log, run_dir, device, rank, end, engine.module, stage.shadow, optimizer,
+                     grad_partitions=world if cfg.train.zero_stage >= 2 else 1)
+    train_step = TrainStep(cfg, stage, engine, device, rank, precision, ops, prof, stop_group(world, device),
+                           loader.to_device)
+    peak = measured_peak_tflops(device)
     if rank == 0:
-        startup_block(cfg, world, device, precision, stage, loader, autocast_dtype, ops, comments)
+        startup_block(cfg, world, device, precision, stage, loader, train_step.autocast_dtype, ops, optimizer, peak,
+                      comments)
     if step >= end:
         log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
         return 0
@@ -293,11 +417,8 @@ def train(cfg: Config, comments: str = "") -> int:
     stop = StopRequest()
     metrics = MetricsWriter(run_dir, rank == 0, cfg.log.tensorboard)
     telemetry = GPUTelemetry(device)
-    peak = cfg.log.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    mfu_peak = cfg.log.peak_tflops or (peak.measured if peak else None)  # the MFU denominator
     flops_per_step = 2 * stage.macs_per_image(cfg) * cfg.train.global_batch
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    gen = torch.Generator(device=device)
-    own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
     bar = tqdm(total=end, initial=step, disable=rank != 0 or not (cfg.log.progress and sys.stderr.isatty()),
                dynamic_ncols=True, unit="step")
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
@@ -307,33 +428,20 @@ def train(cfg: Config, comments: str = "") -> int:
         from epg_fast.probe import KNNMonitor
 
         knn = KNNMonitor(cfg, device)
-    # Step-time breakdown, traces and memory (epg_fast/profiling.py): phases are timed on a few
-    # steps of each logging window and read at the logging step, so other steps do not sync.
-    prof = Profiling(cfg.log, run_dir, device, rank, end, engine.module, stage.shadow, optimizer,
-                     grad_partitions=world if cfg.train.zero_stage >= 2 else 1)
     log.info("training steps %d -> %d", step, end)
+    first = step
     while step < end:
         prof.begin_step(step)
         t_wait = time.perf_counter()
         with prof.phase("data_wait"):
             batch = next(batches)
         window["wait"] += time.perf_counter() - t_wait
-        with prof.phase("h2d"):
-            batch = loader.to_device(batch, device)  # with data.augment=device the views are finished here
-        with prof.phase("comm"):
-            draws, stop_now = sync_step_decisions(stage.draws(step, step_generator(gen, cfg.train.seed, step, 0)),
-                                                  stop.requested, device)
-        with prof.phase("forward"), autocast:
-            loss, parts = stage.loss(engine, batch, step, draws, step_generator(gen, cfg.train.seed, step, rank + 1))
-        with prof.phase("backward"):
-            engine.backward(loss)
         log_now = prof.is_log_step(step)
-        gnorm = local_grad_norm(engine.module) if log_now and own_grad_norm else None
-        clip.apply(engine, step)
-        with prof.phase("optimizer"):
-            engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
-        with prof.phase("ema"):
-            ema.update()
+        t_step = time.perf_counter()
+        loss, parts, gnorm, stop_now = train_step(step, batch, stop.requested, log_now)
+        if step == first and cfg.train.compile:
+            log.info("torch.compile: the first step took %.1f s on the host (compilation included); "
+                     "graph breaks: %d", time.perf_counter() - t_step, graph_breaks())
         step += 1
         window["steps"] += 1
         bar.update(1)
@@ -345,7 +453,7 @@ def train(cfg: Config, comments: str = "") -> int:
                 imgs = window["steps"] * cfg.train.global_batch / elapsed
                 row.update({
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": gnorm if own_grad_norm else engine.get_global_grad_norm(),
+                    "grad_norm": gnorm if train_step.own_grad_norm else engine.get_global_grad_norm(),
                     "param_norm": param_norm(engine.module, cfg.train.zero_stage),
                     "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
                     "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
@@ -354,8 +462,8 @@ def train(cfg: Config, comments: str = "") -> int:
                 if device.type == "cuda":
                     tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
                     row.update({"tflops_per_gpu": tflops, "gpu/max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30})
-                    if peak:
-                        row["mfu"] = tflops / peak
+                    if mfu_peak:
+                        row["mfu"] = tflops / mfu_peak
                     row.update(telemetry.sample())
                 row.update(prof.shares())
                 metrics.write(step, row)

@@ -250,7 +250,7 @@ def test_consistency_loss_matches_formula(step):
     )
     expected, parts = consistency_expected(model.model, x, y, seed=11, step=step, d=100, c=0.08, p_drop=0.5, **ECT)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert metrics["ect_round"].item() == step // 100
+    assert metrics["ect_round"] == step // 100
     assert metrics["t"].item() == pytest.approx(parts["t"].mean(), rel=1e-6)
     assert metrics["t_minus_r"].item() == pytest.approx((parts["t"] - parts["r"]).mean(), rel=1e-6)
     assert metrics["d2"].item() == pytest.approx(parts["d2"].mean(), rel=1e-5)

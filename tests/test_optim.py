@@ -25,7 +25,7 @@ def test_warmup_is_k_over_w_then_cosine():
     assert f(110) == pytest.approx(0.0, abs=1e-12) and f(500) == pytest.approx(0.0, abs=1e-12)
     # through the trainer's optimiser and scheduler: the lr each optimiser step runs at
     model = torch.nn.Linear(2, 2)
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
     sched = build_scheduler(cfg)(opt)
     lrs = []
     for _ in range(3):
@@ -61,7 +61,7 @@ def _stage_model(stage: str):
 def test_decay_tokens_false_exempts_the_tokens_of_every_stage(stage, tokens):
     cfg, model = _stage_model(stage)
     by_id = {id(p): n for n, p in model.named_parameters()}
-    groups = build_optimizer(model, cfg).param_groups
+    groups = build_optimizer(model, cfg, torch.device("cpu")).param_groups
     assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
     assert {by_id[id(p)] for p in groups[1]["params"]} == tokens
     assert groups[0]["weight_decay"] == cfg.optim.weight_decay and len(groups[0]["params"]) == len(by_id) - 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epg_fast.config import ConfigError
-from epg_fast.optimizers import build_optimizer
+from epg_fast.optimizers import adamw as build_optimizer
 
 CPU = torch.device("cpu")
 

@@ -59,3 +59,15 @@ def test_curriculum_paper_schedule():
     values = [schedule.curriculum_steps(k, K) for k in range(0, K, 997)]
     assert values == sorted(values)
     assert set(values) == {21, 41, 81, 161, 321, 641, 1281}
+
+
+def test_host_karras_levels_equal_the_grid_in_float32():
+    """karras_sigma (host floats, what a training step uses) against karras_sigmas (a
+    tensor): equal to the last float64 bit or so, identical once in float32 (the model's)."""
+    for n in (2, 21, 41, 1281):
+        grid = schedule.karras_sigmas(n)
+        host = torch.tensor([schedule.karras_sigma(i, n) for i in range(n)], dtype=torch.float64)
+        torch.testing.assert_close(host, grid, rtol=1e-15, atol=0)
+        assert torch.equal(host.float(), grid.float())
+    with pytest.raises(ValueError):
+        schedule.karras_sigma(5, 5)

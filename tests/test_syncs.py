@@ -2,7 +2,7 @@
 
 import torch
 
-from epg_fast.syncs import SyncCounter
+from epg_fast.syncs import SyncCounter, on_host
 
 
 def test_scalar_reads_are_counted_one_by_one_with_their_source_line():
@@ -56,3 +56,13 @@ def test_paused_and_gpu_semantics():
         x.sum().item()
         torch.tensor([1.0], device="cpu")
     assert real.counts() == {}
+
+
+def test_on_host_exempts_host_reads_and_cpu_tensors_only_inside_it():
+    gen = torch.Generator().manual_seed(0)
+    with SyncCounter() as syncs:
+        with on_host():
+            int(torch.randint(10, (1,), generator=gen))
+            torch.tensor([1.0], device="cpu")
+        int(torch.randint(10, (1,), generator=gen))  # outside: a stand-in device read
+    assert syncs.counts() == {"scalar_read": 1}

@@ -97,8 +97,6 @@ def test_tflops_and_mfu_arithmetic():
     assert tp.achieved_tflops(None, 1000.0) is None and tp.achieved_tflops(10**9, None) is None
     assert tp.mfu(395.0, 790.0) == pytest.approx(0.5)
     assert tp.mfu(1.0, None) is None and tp.mfu(None, 790.0) is None
-    # an 8192^3 matmul in 1.39 ms is ~791 TFLOP/s (the H200's measured bf16 peak)
-    assert tp.matmul_tflops(8192, 1.39) == pytest.approx(791.0, rel=1e-3)
 
 
 def test_ema_loop_equals_ops_ema_update():

@@ -20,6 +20,7 @@ from epg_fast.data.index import DataError, ImageIndex, scan_image_folder
 from epg_fast.data.plan import BatchPlan, Made
 from epg_fast.data.shards import INDEX as SHARD_INDEX
 from epg_fast.data.shards import RawShards
+from epg_fast.data.synthetic import SyntheticLoader
 from epg_fast.data.torch_loader import TorchBatches
 
 log = logging.getLogger("epg_fast.data")
@@ -142,13 +143,18 @@ class ImageLoader:
 
 def build_loader(
     cfg: DataConfig, image_size: int, views: tuple[str, ...], global_batch: int,
-    rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | None = None,
-) -> ImageLoader:
+    rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | None = None, num_classes: int = 1000,
+) -> ImageLoader | SyntheticLoader:
     """This rank's loader of `views` (("x",) or ("x", "y1", "y2")) and labels; data.loader
     picks the executor: "torch", or "dali" on `device` (CPU operators for a CPU device, GPU
     ones for a CUDA device); data.format the source (image files or raw shards), data.augment
     where the augmentations run. Raises DataError (one line) for an unusable data root and
-    ConfigError for a combination the executor does not run."""
+    ConfigError for a combination the executor does not run.
+    data.source=synthetic: random images and labels in 0..num_classes-1 instead (no disk)."""
+    if cfg.source == "synthetic":
+        log.info("data: synthetic (random pixels and labels, %d classes; data.root and data.loader unused)",
+                 num_classes)
+        return SyntheticLoader(image_size, views, global_batch, num_classes, rank, world_size, seed, device)
     if cfg.loader == "dali" and (cfg.format != "folder" or cfg.augment != "pil"):
         # DALI decodes and augments in its own graph; raw shards need neither, and the torch
         # loader with device augmentation already reads them at ~0.1 ms per image and core.

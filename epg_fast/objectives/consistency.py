@@ -140,7 +140,7 @@ def consistency_loss(
     per_image = weight * d2 / torch.sqrt(d2.detach() + huber_c**2)
 
     metrics = {
-        "ect_round": torch.tensor(float(ect_round_now), device=x.device),
+        "ect_round": float(ect_round_now),  # a host number: the same on every rank
         "t": t.mean().float(),
         "t_minus_r": (t - r).mean().float(),
         "d2": d2.detach().mean(),

@@ -49,8 +49,10 @@ class Levels:
 
 
 def levels(n: int, num_levels: int, image_size: int) -> Levels:
-    t = schedule.karras_sigmas(num_levels) * schedule.resolution_shift(image_size)
-    return Levels(float(t[n]), float(t[n + 1]), float(t[num_levels - 1]))
+    """Host floats from the grid's formula: no device tensor is read in a step."""
+    s = schedule.resolution_shift(image_size)
+    t = lambda i: schedule.karras_sigma(i, num_levels) * s
+    return Levels(t(n), t(n + 1), t(num_levels - 1))
 
 
 def pretrain_loss(
@@ -78,8 +80,8 @@ def pretrain_loss(
     a1, a2 = y1 + lv.t0 * noise, y2 + lv.t0 * noise
     b, b_next = x + lv.t_n * noise, x + lv.t_next * noise
 
-    def levels_for(*ts: float) -> Tensor:
-        return torch.tensor(ts, device=x.device, dtype=torch.float32).repeat_interleave(B)
+    def levels_for(*ts: float) -> Tensor:  # filled on the device from host floats: no upload
+        return torch.cat([x.new_full((B,), t, dtype=torch.float32) for t in ts])
 
     if consistency_target == "detach":
         z, h = online(torch.cat([a1, a2, b, b_next]), levels_for(lv.t0, lv.t0, lv.t_n, lv.t_next), 4, 2, True)
