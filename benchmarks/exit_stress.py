@@ -26,8 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "epg_fast" / "train.py")
 BIN = Path(sys.executable).parent
+# A tiny encoder: the exit path (process-group teardown) does not depend on the model's size.
 OVERRIDES = ["train.global_batch=16", "train.total_steps=3", "train.save_every=3", "log.progress=false",
-             "data.workers=1", "log.every=3"]
+             "data.workers=1", "log.every=3", "model.depth=2", "model.dim=32", "model.heads=2",
+             "model.proj_hidden=64", "model.proj_dim=16"]
 
 
 def launcher_cmd(name: str, port: int) -> list[str]:
