@@ -7,6 +7,7 @@ workers or their scheduling.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -60,6 +61,15 @@ class _PilBatches(Dataset):
         return made
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C, Slurm's SIGTERM and the DeepSpeed launcher signal the whole process group or
+    tree: a worker killed by them first would crash the trainer before it checkpoints. The
+    trainer decides (epg_fast.train.StopRequest) and shuts its workers down as it exits; a
+    worker whose trainer died ends on its own (DataLoader's parent watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchBatches:
     """Batches of the plan made by `workers` DataLoader processes (0: in this process)."""
 
@@ -74,6 +84,7 @@ class TorchBatches:
             prefetch_factor=prefetch if workers > 0 else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
 
     def batches(self, start: tuple[int, int]) -> Iterator[Made]:
