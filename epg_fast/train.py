@@ -33,17 +33,20 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast.checkpoint import Checkpoints, is_complete
+from epg_fast.checkpoint import Checkpoints, is_complete, read_checkpoint
 from epg_fast.config import STAGES, Config, ConfigError, check_world
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, peak_tflops
 from epg_fast.ops import Ops
 from epg_fast.profiling import Profiling, format_breakdown
+from epg_fast.safety import NonFiniteGuard, RunError, apply_optimiser_settings, config_changes, hold_run_dir
 from epg_fast.sample import write_sample_grid
 from epg_fast.stages import Stage, build_stage, load_config, stage_named
 
 log = logging.getLogger("epg_fast")
+# The step in progress, for the error a hung or dead peer rank causes (see main).
+progress = {"step": None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,8 +255,10 @@ def train(cfg: Config) -> int:
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible")
-    rank, world, device = setup_distributed(cfg.train.device, group_of_one=True)  # DeepSpeed needs a group
+    rank, world, device = setup_distributed(cfg.train.device, group_of_one=True,  # DeepSpeed needs a group
+                                            timeout_minutes=cfg.train.dist_timeout)
     run_dir = Path(cfg.train.run_dir)
+    run_lock = hold_run_dir(run_dir) if rank == 0 else None  # held until this process ends
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
     ops = Ops.from_config(cfg.model.kernels, cfg.model.attention)  # the one Ops of this run's networks
@@ -279,17 +284,21 @@ def train(cfg: Config) -> int:
         config=deepspeed_config(cfg, world, precision),
     )
     ema = ShadowEMA(engine.module, stage.shadow, stage.ema_rate, stage.average_buffers, cfg.train.zero_stage, ops)
+    guard = NonFiniteGuard(engine, stage.shadow, device, cfg.train.max_nonfinite)
 
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
     if resume is not None and not is_complete(resume):
         raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
+    ckpts.claim(resume)
     if resume is not None:
+        changes = config_changes(read_checkpoint(resume).config, cfg.to_dict())  # refused keys raise here
         state = ckpts.load(engine, resume)
-        if state.get("config", {}).get("stage") != cfg.stage:
-            raise ConfigError(f"train.resume: {resume} is a '{state.get('config', {}).get('stage')}' checkpoint, "
-                              f"this run is '{cfg.stage}' (use another train.run_dir)")
+        apply_optimiser_settings(optimizer, scheduler, lr, tuple(cfg.optim.betas),
+                                 [g["weight_decay"] for g in param_groups(stage.model, cfg)])
+        for key, was, now in changes:
+            log.info("resume: %s changed %r -> %r (applied)", key, was, now)
         stage.shadow.load_state_dict(state[stage.shadow_key])
         loader.load_state_dict(state["data"])
         step = state["step"]
@@ -299,7 +308,7 @@ def train(cfg: Config) -> int:
     if rank == 0:
         startup_block(cfg, world, device, precision, stage, loader, autocast_dtype, ops)
     if step >= end:
-        log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
+        log.info("nothing to do: the run is at step %d of %d (another train.run_dir starts anew)", step, end)
         return 0
 
     def client_state() -> dict:
@@ -330,6 +339,7 @@ def train(cfg: Config) -> int:
     log.info("training steps %d -> %d", step, end)
     while step < end:
         prof.begin_step(step)
+        progress["step"] = step
         t_wait = time.perf_counter()
         with prof.phase("data_wait"):
             batch = next(batches)
@@ -339,8 +349,10 @@ def train(cfg: Config) -> int:
         with prof.phase("comm"):
             draws, stop_now = sync_step_decisions(stage.draws(step, step_generator(gen, cfg.train.seed, step, 0)),
                                                   stop.requested, device)
+        guard.begin_step()
         with prof.phase("forward"), autocast:
             loss, parts = stage.loss(engine, batch, step, draws, step_generator(gen, cfg.train.seed, step, rank + 1))
+            loss = guard.loss(loss, step)
         with prof.phase("backward"):
             engine.backward(loss)
         log_now = prof.is_log_step(step)
@@ -349,6 +361,7 @@ def train(cfg: Config) -> int:
             engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
         with prof.phase("ema"):
             ema.update()
+        guard.end_step(loss, step)  # a non-finite step: all of the above undone on the device
         step += 1
         window["steps"] += 1
         bar.update(1)
@@ -364,7 +377,7 @@ def train(cfg: Config) -> int:
                     "param_norm": param_norm(engine.module, cfg.train.zero_stage),
                     "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
                     "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
-                    "epoch": loader.state_dict()["epoch"],
+                    "epoch": loader.state_dict()["epoch"], "nonfinite_steps": guard.read(step, log),
                 })
                 if device.type == "cuda":
                     tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
@@ -392,6 +405,7 @@ def train(cfg: Config) -> int:
                 nfe = write_sample_grid(stage.shadow, out, cfg, stage.sampling)
             log.info("EMA samples: %s (%d network evaluations per image)", out, nfe)
         if step % cfg.train.save_every == 0 or step == end or stop_now:
+            guard.read(step, log)  # too many non-finite steps in a row: stop, the last checkpoint kept
             with prof.phase("checkpoint"):
                 ckpts.save(engine, step, client_state())
         prof.end_step(step - 1)
@@ -410,17 +424,28 @@ def train(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cfg, rc = None, None
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
-        return train(cfg)
+        rc = train(cfg)
+        return rc
     except ConfigError as err:
         print(f"epg_fast: config error: {err}", file=sys.stderr)
         return 2
     except DataError as err:
         print(f"epg_fast: data error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"epg_fast: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if "Timed out" not in str(err) or progress["step"] is None:  # gloo's words for a collective timeout
+            raise
+        print(f"epg_fast: step {progress['step']}: no answer from another rank for train.dist_timeout="
+              f"{cfg.train.dist_timeout} min (hung or dead): {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     finally:
-        teardown_distributed()
+        teardown_distributed(finished=rc == 0)
 
 
 if __name__ == "__main__":
