@@ -80,7 +80,7 @@ class NonFiniteGuard:
         def add(t) -> None:
             if torch.is_tensor(t) and t.device == self.device and id(t) not in seen:
                 seen.add(id(t))
-                out.append(t.data if isinstance(t, torch.nn.Parameter) else t)
+                out.append(t)  # the object itself (a Parameter's .data is a new one each time)
 
         for p in self.engine.module.parameters():
             add(getattr(p, "ds_tensor", p))

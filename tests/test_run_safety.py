@@ -215,3 +215,34 @@ def test_a_collective_timeout_is_one_line_naming_the_step(monkeypatch, capsys):
     assert capsys.readouterr().err == ("epg_fast: step 7: no answer from another rank for train.dist_timeout=0.1 min "
                                        "(hung or dead): [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
                                        "6000ms for recv operation\n")
+
+
+def test_nonfinite_guard_adds_no_host_sync_to_a_step():
+    from types import SimpleNamespace
+
+    from epg_fast.safety import NonFiniteGuard
+    from epg_fast.syncs import SyncCounter
+
+    torch.manual_seed(0)
+    online, shadow = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), torch.nn.Linear(4, 4)
+    engine = SimpleNamespace(module=online, optimizer=torch.optim.AdamW(online.parameters(), lr=0.1))
+    guard = NonFiniteGuard(engine, shadow, torch.device("cpu"), max_consecutive=5)
+
+    def step(i: int, poison: bool) -> None:
+        guard.begin_step()
+        loss = online(torch.randn(8, 4)).square().mean() * (float("nan") if poison else 1.0)
+        loss.backward()
+        engine.optimizer.step()
+        engine.optimizer.zero_grad()
+        guard.end_step(loss, i)
+
+    step(0, False)  # creates the optimiser state
+    before = {k: v.clone() for k, v in online.state_dict().items()}
+    with SyncCounter() as counter:
+        counter.treat_as_host([s["step"] for s in engine.optimizer.state.values()])  # torch AdamW's own reads
+        step(1, True)
+        step(2, True)
+    assert counter.events == [], counter.report()
+    assert all(torch.equal(before[k], v) for k, v in online.state_dict().items())
+    assert all(float(s["step"]) == 1 for s in engine.optimizer.state.values())
+    assert guard.read(3, SimpleNamespace(warning=lambda *a: None)) == 2
