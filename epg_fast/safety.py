@@ -47,15 +47,17 @@ def hold_run_dir(run_dir: Path) -> IO:
 class NonFiniteGuard:
     """A step whose loss or updated weights are not finite changes nothing: before the
     forward the guard copies every tensor the step writes (online weights and buffers,
-    optimiser state, shadow weights and buffers), after the update it selects, on the device, either the new values or
-    the copies (torch.where on a finite flag), so a normal step adds no host synchronisation.
-    The counters live on the device and are read at logging and checkpoint steps (`read`).
-    Costs one copy of those tensors in memory and one copy per step.
+    optimiser state, shadow weights and buffers); after the update it selects, on the
+    device, the new values or the copies (torch.where on a finite flag), so a normal step
+    adds no host synchronisation. The counters live on the device and are read at logging
+    and checkpoint steps (`read`). Costs one copy of those tensors in memory and per step.
 
     Limits: tensors the optimiser keeps on the host while training on a GPU (torch AdamW's
     step counts, unless fused or capturable) cannot be selected without a sync and still
-    advance; the lr schedule advances too. Under several ranks the flag is the same on all
-    (gradients are all-reduced before the update, so a non-finite loss anywhere reaches all).
+    advance; the lr schedule advances too. Under several ranks the flag agrees because the
+    gradients are all-reduced before the update (a non-finite loss on one rank makes every
+    rank's update non-finite); only a rank-local non-finite loss with finite gradients
+    would be judged differently. Tested at ZeRO stage 0.
 
     EPG_TEST_NAN_AT_STEP=S[,S...] (tests only) makes the loss of those steps NaN.
     """

@@ -142,6 +142,7 @@ def test_nonfinite_steps_change_nothing_and_are_counted(env, tmp_path):
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][i][name]), f"optimizer {i}.{name} changed"
     assert all(float(s["step"]) == 1 for s in a["optimizer"]["state"].values())  # step 0 left no trace
+    assert all(v.abs().sum() > 0 for k, v in a["module"].items() if k.endswith("weight"))  # nothing zeroed
     c = final_state(tmp_path, 6)["module"]  # finite steps 4 and 5 do train
     assert any(not torch.equal(a["module"][name], c[name]) for name in c)
     rows = strict_rows(tmp_path)
