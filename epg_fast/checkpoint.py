@@ -5,7 +5,7 @@ Layout under <run_dir>/checkpoints/:
         mp_rank_00_model_states.pt  DeepSpeed: online weights + our client state
         *optim_states.pt            DeepSpeed: optimiser (ZeRO shards, one per rank)
         rank_00000.pt               per-rank RNG states
-        COMPLETE                    written last: {"step": 100}
+        COMPLETE                    written last: {"step": 100, "run": "<run id>"}
     step_00000200.tmp/              a save in progress (or killed mid-write): never loaded
 
 The model-states file holds the online weights ("module", DeepSpeed's name), the shadow
@@ -18,6 +18,10 @@ A save writes everything into `<name>.tmp`, fsyncs it, writes COMPLETE, then ren
 folder into place. Whatever kills the process mid-save, the previous completed checkpoint
 is untouched and `latest()` does not see the partial one. Multi-node runs need run_dir on a
 filesystem shared by all nodes (rank 0 does the rename).
+
+A run id (new at a fresh start, inherited from the checkpoint a run resumes) is written into
+every COMPLETE: pruning (`keep_last`) removes only checkpoints of this run, and a run that
+would not continue the checkpoints already in its directory is refused (`Checkpoints.claim`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +55,15 @@ class CheckpointError(ValueError):
 
 def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
+
+
+def run_of(folder: Path) -> str | None:
+    """The run id in a checkpoint's COMPLETE (None: written before run ids, or unreadable)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker.get("run") if isinstance(marker, dict) else None
 
 
 def completed(run_dir: str | Path) -> list[Path]:
@@ -139,6 +153,22 @@ class Checkpoints:
     def __init__(self, run_dir: str | Path, keep_last: int, rank: int) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last, self.rank = keep_last, rank
+        self.run: str | None = None  # set by claim()
+
+    def claim(self, resume: Path | None) -> str:
+        """This run's id: the resumed checkpoint's, or a new one. A run that would not continue
+        the checkpoints already in the directory is refused (ConfigError, one line): they
+        belong to another run, whose pruning and resumes would mix with this one's."""
+        from epg_fast.config import ConfigError
+
+        self.run = (run_of(resume) if resume is not None else None) or uuid.uuid4().hex[:12]
+        ours = {self.run, run_of(resume) if resume is not None else self.run}  # a resumed pre-run-id checkpoint: None
+        others = [p.name for p in self.completed() if run_of(p) not in ours]
+        if others:
+            what = "train.resume=none" if resume is None else f"train.resume={resume} (another run)"
+            raise ConfigError(f"{what}, but {self.dir} holds checkpoints of another run ({', '.join(others[-3:])}); "
+                              f"use another train.run_dir, or train.resume=auto to continue that run")
+        return self.run
 
     def completed(self) -> list[Path]:
         """Completed checkpoints, oldest first."""
@@ -160,15 +190,17 @@ class Checkpoints:
         torch.save(rng_state(), tmp / f"rank_{self.rank:05d}.pt")
         _barrier()
         if self.rank == 0:
-            (tmp / MARKER).write_text(json.dumps({"step": step}))
+            (tmp / MARKER).write_text(json.dumps({"step": step, "run": self.run}))
             for p in sorted(tmp.rglob("*")) + [tmp]:
                 _fsync(p)
             if final.exists():  # re-saving a step (e.g. a run restarted with resume=none)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync(self.dir)
-            for old in self.completed()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            own = [p for p in self.completed() if run_of(p) == self.run]
+            for old in own[: -self.keep_last]:
+                if old != final:  # resumed from an older checkpoint of the run: keep the new one
+                    shutil.rmtree(old, ignore_errors=True)
             for debris in self.dir.glob("*.tmp"):
                 shutil.rmtree(debris, ignore_errors=True)
         _barrier()

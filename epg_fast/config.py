@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -184,6 +185,8 @@ class TrainConfig:
     save_every: int = 5000
     sample_every: int = 5000  # fine-tuning: steps between EMA sample grids in run_dir/samples (0 = never)
     keep_last: int = 3  # completed checkpoints kept on disk
+    dist_timeout: float = 30.0  # minutes a rank waits in a collective for a hung or dead peer, then fails
+    max_nonfinite: int = 20  # consecutive steps with a non-finite loss or update that stop the run
     resume: str = "auto"  # "auto" (newest valid checkpoint in run_dir), "none", or a checkpoint path
     compile: bool = False  # torch.compile the online network (and the target where the loss runs it)
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" compiles fast (tests)
@@ -399,13 +402,14 @@ def check_config(cfg: Config) -> None:
         "model.proj_dim": m.proj_dim, "train.global_batch": cfg.train.global_batch,
         "train.total_steps": cfg.train.total_steps, "train.save_every": cfg.train.save_every,
         "train.keep_last": cfg.train.keep_last, "log.every": cfg.log.every,
-        "pretrain.s0": cfg.pretrain.s0, "optim.lr": cfg.optim.lr,
+        "pretrain.s0": cfg.pretrain.s0, "optim.lr": cfg.optim.lr, "train.dist_timeout": cfg.train.dist_timeout,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
         "pretrain.tau_contrastive": cfg.pretrain.tau_contrastive,
         "pretrain.tau_consistency": cfg.pretrain.tau_consistency,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"'{key}' must be > 0, got {value}")
+        if not value > 0 or not math.isfinite(value):  # `not >` also refuses nan
+            raise ConfigError(f"'{key}' must be > 0 and finite, got {value}")
     if m.dim % 2:
         raise ConfigError(f"model.dim={m.dim} must be even (sinusoidal time embedding)")
     if m.image_size % m.patch_size:

@@ -15,6 +15,7 @@ order and racing the peer's exit, which now and then ended a finished run with
 
 from __future__ import annotations
 
+import datetime
 import gc
 import logging
 import os
@@ -38,14 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed(device: str, *, group_of_one: bool) -> tuple[int, int, torch.device]:
+def setup_distributed(device: str, *, group_of_one: bool,
+                      timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process, after joining the process group: NCCL on
     CUDA, gloo on the CPU.
 
     `device` is "auto" (CUDA when visible), "cpu" or "cuda" (the caller has checked that CUDA
     is visible). Under a launcher every rank joins; a process started alone joins a group of
     its own only with `group_of_one` (DeepSpeed needs one, and reads the launcher's variables,
-    which are then set for a world of one).
+    which are then set for a world of one). `timeout_minutes` bounds every collective (None:
+    torch's default): a rank that waits that long for a hung or dead peer raises instead.
     """
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if not use_cuda:
@@ -63,7 +66,8 @@ def setup_distributed(device: str, *, group_of_one: bool) -> tuple[int, int, tor
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 or group_of_one:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None, timeout=timeout)
     return rank, world, dev
 
 # Native thread names of gloo process groups and of the TCPStore server.
@@ -82,8 +86,9 @@ def c10d_threads() -> list[str]:
     return [n for n in names if n in C10D_THREADS]
 
 
-def teardown_distributed() -> list[str]:
+def teardown_distributed(finished: bool = True) -> list[str]:
     """Destroy every process group and join its threads while the interpreter is whole.
+    `finished=False` after an error the caller handled: no barrier (the peers may never come).
 
     Returns the c10d threads still alive afterwards (empty when the teardown is clean).
     """
@@ -93,7 +98,7 @@ def teardown_distributed() -> list[str]:
     # still inside a collective must not see its partner's sockets vanish. Not while an
     # exception is on its way out (called from a `finally`): the peers may never arrive,
     # and the launcher stops them when this rank fails.
-    if dist.get_world_size() > 1 and sys.exc_info()[0] is None:
+    if finished and dist.get_world_size() > 1 and sys.exc_info()[0] is None:
         dist.barrier()
     ds_comm = sys.modules.get("deepspeed.comm.comm")
     if ds_comm is not None and ds_comm.cdb is not None:

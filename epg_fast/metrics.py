@@ -5,6 +5,7 @@ telemetry from NVML (quietly absent without a GPU). Rank 0 writes; other ranks n
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import statistics
@@ -148,7 +149,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
+        # JSON has no NaN or infinity: a non-finite number is written as null (TensorBoard keeps it)
+        plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.jsonl.write(json.dumps(plain, allow_nan=False) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -38,8 +38,12 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """AdamW of `optim.impl` (epg_fast.optimizers) over the parameter groups, at optim.lr
     (scaled by global_batch / 1024 with optim.scale_lr)."""
-    lr = cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
-    return adamw(param_groups(model, cfg.optim), cfg.optim.impl, lr, tuple(cfg.optim.betas), device)
+    return adamw(param_groups(model, cfg.optim), cfg.optim.impl, base_lr(cfg), tuple(cfg.optim.betas), device)
+
+
+def base_lr(cfg: Config) -> float:
+    """optim.lr, scaled by global_batch / 1024 with optim.scale_lr."""
+    return cfg.optim.lr * (cfg.train.global_batch / 1024 if cfg.optim.scale_lr else 1.0)
 
 
 def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:

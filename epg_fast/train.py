@@ -33,19 +33,22 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast.checkpoint import Checkpoints, is_complete
+from epg_fast.checkpoint import Checkpoints, is_complete, read_checkpoint
 from epg_fast.config import STAGES, Config, ConfigError, check_world, preset_comments
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
 from epg_fast.metrics import GPUTelemetry, MetricsWriter, PeakTflops, measured_peak_tflops
 from epg_fast.ops import Ops
-from epg_fast.optim import GradClip, build_optimizer, build_scheduler
+from epg_fast.optim import GradClip, base_lr, build_optimizer, build_scheduler, param_groups
 from epg_fast.profiling import Profiling, format_breakdown
+from epg_fast.safety import NonFiniteGuard, RunError, apply_optimiser_settings, config_changes, hold_run_dir
 from epg_fast.sample import write_sample_grid
 from epg_fast.stages import Stage, build_stage, load_config, stage_named
 from epg_fast.syncs import on_host
 
 log = logging.getLogger("epg_fast")
+# The step in progress, for the error a hung or dead peer rank causes (see main).
+progress = {"step": None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ class TrainStep:
         self.noise = torch.Generator(device=device)  # this rank's noise, on the device
         self.own_grad_norm = cfg.train.zero_stage == 0 and precision != "fp16"
         self.stop_group = stop_group
+        self.guard = NonFiniteGuard(engine, stage.shadow, device, cfg.train.max_nonfinite)
 
     def __call__(self, step: int, host_batch: dict[str, torch.Tensor], stop_requested: bool = False,
                  log_now: bool = False) -> StepOutput:
@@ -294,9 +298,11 @@ class TrainStep:
             with on_host():  # a CPU generator's draws: host numbers by construction
                 draws = stage.draws(step, step_generator(self.decisions, cfg.train.seed, step, 0))
             stop_now = agree_to_stop(stop_requested, self.stop_group)
+        self.guard.begin_step()
         with prof.phase("forward"), self.autocast:
             loss, parts = stage.loss(engine, batch, step, draws,
                                      step_generator(self.noise, cfg.train.seed, step, self.rank + 1))
+            loss = self.guard.loss(loss, step)
         with prof.phase("backward"):
             engine.backward(loss)
         gnorm = local_grad_norm(engine.module) if log_now and self.own_grad_norm else None
@@ -305,6 +311,7 @@ class TrainStep:
             engine.step()  # optimiser step (DeepSpeed clips first when optim.grad_clip > 0), then lr step
         with prof.phase("ema"):
             self.ema.update()
+        self.guard.end_step(loss, step)  # a non-finite step: all of the above undone on the device
         return StepOutput(loss, parts, gnorm, stop_now)
 
 
@@ -364,8 +371,10 @@ def train(cfg: Config, comments: str = "") -> int:
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible")
-    rank, world, device = setup_distributed(cfg.train.device, group_of_one=True)  # DeepSpeed needs a group
+    rank, world, device = setup_distributed(cfg.train.device, group_of_one=True,  # DeepSpeed needs a group
+                                            timeout_minutes=cfg.train.dist_timeout)
     run_dir = Path(cfg.train.run_dir)
+    run_lock = hold_run_dir(run_dir) if rank == 0 else None  # held until this process ends
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
     ops = Ops.from_config(cfg.model.kernels, cfg.model.attention)  # the one Ops of this run's networks
@@ -386,11 +395,14 @@ def train(cfg: Config, comments: str = "") -> int:
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
     if resume is not None and not is_complete(resume):
         raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
+    ckpts.claim(resume)
     if resume is not None:
+        changes = config_changes(read_checkpoint(resume).config, cfg.to_dict())  # refused keys raise here
         state = ckpts.load(engine, resume)
-        if state.get("config", {}).get("stage") != cfg.stage:
-            raise ConfigError(f"train.resume: {resume} is a '{state.get('config', {}).get('stage')}' checkpoint, "
-                              f"this run is '{cfg.stage}' (use another train.run_dir)")
+        apply_optimiser_settings(optimizer, scheduler, base_lr(cfg), tuple(cfg.optim.betas),
+                                 [g["weight_decay"] for g in param_groups(stage.model, cfg.optim)])
+        for key, was, now in changes:
+            log.info("resume: %s changed %r -> %r (applied)", key, was, now)
         stage.shadow.load_state_dict(state[stage.shadow_key])
         loader.load_state_dict(state["data"])
         step = state["step"]
@@ -407,7 +419,7 @@ def train(cfg: Config, comments: str = "") -> int:
         startup_block(cfg, world, device, precision, stage, loader, train_step.autocast_dtype, ops, optimizer, peak,
                       comments)
     if step >= end:
-        log.info("nothing to do: the run is at step %d of %d (train.resume=none starts anew)", step, end)
+        log.info("nothing to do: the run is at step %d of %d (another train.run_dir starts anew)", step, end)
         return 0
 
     def client_state() -> dict:
@@ -432,6 +444,7 @@ def train(cfg: Config, comments: str = "") -> int:
     first = step
     while step < end:
         prof.begin_step(step)
+        progress["step"] = step
         t_wait = time.perf_counter()
         with prof.phase("data_wait"):
             batch = next(batches)
@@ -457,7 +470,7 @@ def train(cfg: Config, comments: str = "") -> int:
                     "param_norm": param_norm(engine.module, cfg.train.zero_stage),
                     "img_per_s": imgs, "step_time_s": elapsed / window["steps"],
                     "data_wait_frac": window["wait"] / elapsed, "data_skipped": loader.skipped,
-                    "epoch": loader.state_dict()["epoch"],
+                    "epoch": loader.state_dict()["epoch"], "nonfinite_steps": train_step.guard.read(step, log),
                 })
                 if device.type == "cuda":
                     tflops = flops_per_step * window["steps"] / elapsed / world / 1e12
@@ -485,6 +498,7 @@ def train(cfg: Config, comments: str = "") -> int:
                 nfe = write_sample_grid(stage.shadow, out, cfg, stage.sampling)
             log.info("EMA samples: %s (%d network evaluations per image)", out, nfe)
         if step % cfg.train.save_every == 0 or step == end or stop_now:
+            train_step.guard.read(step, log)  # too many non-finite steps in a row: stop, the last checkpoint kept
             with prof.phase("checkpoint"):
                 ckpts.save(engine, step, client_state())
         prof.end_step(step - 1)
@@ -503,21 +517,32 @@ def train(cfg: Config, comments: str = "") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cfg, rc = None, None
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
         comments = preset_comments(args.config, args.stage)
         if args.print_config:
             print(describe_config(cfg, comments))
             return 0
-        return train(cfg, comments)
+        rc = train(cfg, comments)
+        return rc
     except ConfigError as err:
         print(f"epg_fast: config error: {err}", file=sys.stderr)
         return 2
     except DataError as err:
         print(f"epg_fast: data error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"epg_fast: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if "Timed out" not in str(err) or progress["step"] is None:  # gloo's words for a collective timeout
+            raise
+        print(f"epg_fast: step {progress['step']}: no answer from another rank for train.dist_timeout="
+              f"{cfg.train.dist_timeout} min (hung or dead): {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     finally:
-        teardown_distributed()
+        teardown_distributed(finished=rc == 0)
 
 
 if __name__ == "__main__":

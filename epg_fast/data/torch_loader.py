@@ -17,6 +17,7 @@ The decisions come from the same per-sample generators in the same order on ever
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,6 +109,15 @@ class _Batches(Dataset):
         return made
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C, Slurm's SIGTERM and the DeepSpeed launcher signal the whole process group or
+    tree: a worker killed by them first would crash the trainer before it checkpoints. The
+    trainer decides (epg_fast.train.StopRequest) and shuts its workers down as it exits; a
+    worker whose trainer died ends on its own (DataLoader's parent watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchBatches:
     """Batches of the plan made by `workers` DataLoader processes (0: in this process).
     `augment`: "pil" (final views) or "device" (crops and decisions for
@@ -126,6 +136,7 @@ class TorchBatches:
             prefetch_factor=prefetch if workers > 0 else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
 
     def batches(self, start: tuple[int, int]) -> Iterator[Made]:
