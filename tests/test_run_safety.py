@@ -170,7 +170,8 @@ def test_nonfinite_lr_is_refused(env, tmp_path):
 
 
 def test_resume_applies_changed_optimiser_settings(env, tmp_path):
-    from epg_fast.train import warmup_cosine
+    from epg_fast.config import OptimConfig
+    from epg_fast.optim import lr_factor
 
     run(train_cmd(tmp_path, "train.total_steps=20", "train.save_every=5", "train.stop_after=5", "optim.lr=1e-3"), env)
     proc = run(train_cmd(tmp_path, "train.total_steps=20", "train.save_every=5", "train.stop_after=6", "optim.lr=1e-4",
@@ -179,7 +180,7 @@ def test_resume_applies_changed_optimiser_settings(env, tmp_path):
                    "optim.betas changed [0.9, 0.95] -> [0.8, 0.9]", "optim.grad_clip changed 0.0 -> 1.0"):
         assert change in proc.stderr, change
     (group,) = final_state(tmp_path, 6)["optimizer"]["param_groups"]
-    assert group["lr"] == pytest.approx(1e-4 * warmup_cosine(3, 20)(6))
+    assert group["lr"] == pytest.approx(1e-4 * lr_factor(OptimConfig(warmup_steps=3), 20)(6))
     assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
 
 
