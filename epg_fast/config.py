@@ -106,6 +106,8 @@ class InitConfig:
     # Fine-tuning: the pre-training checkpoint folder (step_XXXXXXXX) or a state-dict file whose
     # encoder weights start the EPG encoder; the projector is dropped. None = random init.
     encoder: str | None = None
+    # Missing or unexpected encoder keys (e.g. another depth) are an error unless this is true.
+    allow_partial: bool = False
 
 
 @dataclass

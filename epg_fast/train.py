@@ -33,7 +33,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast.checkpoint import Checkpoints, is_complete
+from epg_fast.checkpoint import CheckpointError, Checkpoints, CheckpointWriteError, check_writable
 from epg_fast.config import STAGES, Config, ConfigError, check_world
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
@@ -254,6 +254,7 @@ def train(cfg: Config) -> int:
         raise ConfigError("train.device=cuda but no CUDA device is visible")
     rank, world, device = setup_distributed(cfg.train.device, group_of_one=True)  # DeepSpeed needs a group
     run_dir = Path(cfg.train.run_dir)
+    check_writable(run_dir)  # before any work: a read-only folder would fail only at the first save
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
     ops = Ops.from_config(cfg.model.kernels, cfg.model.attention)  # the one Ops of this run's networks
@@ -283,9 +284,7 @@ def train(cfg: Config) -> int:
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
-    if resume is not None and not is_complete(resume):
-        raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
-    if resume is not None:
+    if resume is not None:  # verified first (CheckpointError): train.resume=PATH never falls back
         state = ckpts.load(engine, resume)
         if state.get("config", {}).get("stage") != cfg.stage:
             raise ConfigError(f"train.resume: {resume} is a '{state.get('config', {}).get('stage')}' checkpoint, "
@@ -418,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as err:
         print(f"epg_fast: data error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, CheckpointWriteError) as err:
+        print(f"epg_fast: checkpoint error: {err}", file=sys.stderr)
         return 2
     finally:
         teardown_distributed()
