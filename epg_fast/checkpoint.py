@@ -215,6 +215,19 @@ def read_checkpoint(path: str | Path) -> Saved:
     return Saved(folder, files[0], dict(config), state.get("step"), state.get("module"), shadow)
 
 
+def check_same_model(folder: Path, config: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another stage or model shape (a one-line error naming
+    the key, before DeepSpeed's size-mismatch tracebacks)."""
+    saved = read_checkpoint(folder).config
+    if saved.get("stage") != config["stage"]:
+        raise CheckpointError(f"{folder} is a '{saved.get('stage')}' checkpoint, this run is '{config['stage']}' "
+                              "(use another train.run_dir)")
+    for key, value in config["model"].items():
+        if key not in ("attention", "kernels", "dropout") and saved.get("model", {}).get(key, value) != value:
+            raise CheckpointError(f"{folder} has model.{key}={saved['model'][key]}, this run model.{key}={value} "
+                                  "(resume with the same model, or use another train.run_dir)")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast.checkpoint import CheckpointError, Checkpoints, CheckpointWriteError, check_writable
+from epg_fast.checkpoint import CheckpointError, Checkpoints, CheckpointWriteError, check_same_model, check_writable
 from epg_fast.config import STAGES, Config, ConfigError, check_world
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
@@ -285,6 +285,7 @@ def train(cfg: Config) -> int:
     step = 0
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
     if resume is not None:  # verified first (CheckpointError): train.resume=PATH never falls back
+        check_same_model(resume, cfg.to_dict())
         state = ckpts.load(engine, resume)
         if state.get("config", {}).get("stage") != cfg.stage:
             raise ConfigError(f"train.resume: {resume} is a '{state.get('config', {}).get('stage')}' checkpoint, "
