@@ -103,22 +103,9 @@ def test_torch_save_to_a_full_device_names_enospc():
     assert err.value.errno == errno.ENOSPC
 
 
-def unwritable_folder(tmp_path: Path) -> Path:
-    """A folder this process cannot write: chmod for a normal user; /sys (sysfs) for root."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "ro"
-        folder.mkdir()
-        folder.chmod(0o555)
-        return folder
-    try:
-        (Path("/sys") / ".epg_probe").write_bytes(b"x")
-    except OSError:
-        return Path("/sys")
-    pytest.skip("no unwritable folder available")
 
-
-def test_unwritable_run_directory_is_refused_up_front(tmp_path):
-    folder = unwritable_folder(tmp_path)
+def test_unwritable_run_directory_is_refused_up_front(tmp_path, unwritable_dir):
+    folder = unwritable_dir
     with pytest.raises(CheckpointWriteError, match=f"cannot write into {folder}"):
         check_writable(folder)
     with pytest.raises(CheckpointWriteError, match=f"cannot write into {folder / 'run'}"):
