@@ -9,7 +9,7 @@ run once uninterrupted: the reference, identified by the SHA-256 of its final on
 target weights. Then:
 
 - `--runs N` interrupted runs: each is killed with SIGKILL, SIGTERM or SIGINT, sent to the
-  trainer or to its process group, either at a random moment or inside a checkpoint write
+  trainer or to its process group, at a random moment of training or inside a checkpoint write
   (the test hook EPG_TEST_SAVE_DELAY makes every save sleep after its first file; the kill
   comes when the `.tmp` folder appears). Every completed checkpoint left behind is verified
   (a damaged one must never exist, or must be skipped); the run is resumed with
@@ -94,7 +94,7 @@ def final_digest(run_dir: Path, step: int = 20) -> str | None:
     for part in ("module", "target"):
         for key in sorted(state[part]):
             digest.update(key.encode())
-            digest.update(state[part][key].contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(state[part][key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -106,6 +106,13 @@ def damaged_checkpoints(run_dir: Path) -> list[str]:
         except CheckpointError as err:
             bad.append(str(err))
     return bad
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -121,11 +128,17 @@ def interrupted_run(i: int, rng: random.Random, work: Path, env: dict, reference
     run_env = dict(env, EPG_TEST_SAVE_DELAY="1.5") if moment == "in-save" else env
     proc = start(run_dir, run_env)
     t0 = time.perf_counter()
-    delay = rng.uniform(0.1, 1.0) * duration
-    sent_at = None
+    delay = rng.uniform(0.0, 0.5) * duration  # after the first step began
+    sent_at = started = None
     while proc.poll() is None and time.perf_counter() - t0 < timeout:
+        # Not before training starts: a kill inside DeepSpeed's start-up (its JIT op build)
+        # leaves a stale ~/.cache/torch_extensions/.../lock that makes every later start on
+        # the machine wait forever (a DeepSpeed/torch hazard, not a checkpoint one).
+        if started is None and "training steps" in _read(run_dir / "train.log"):
+            started = time.perf_counter()
         in_save = any((run_dir / "checkpoints").glob("*.tmp")) if (run_dir / "checkpoints").is_dir() else False
-        if (moment == "in-save" and in_save) or (moment == "random" and time.perf_counter() - t0 >= delay):
+        if started is not None and ((moment == "in-save" and in_save) or
+                                    (moment == "random" and time.perf_counter() - started >= delay)):
             sent_at = time.perf_counter() - t0
             (os.killpg if target == "group" else os.kill)(proc.pid, SIGNALS[sig_name])
             break
