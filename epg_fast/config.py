@@ -118,6 +118,8 @@ class InitConfig:
     # Fine-tuning: the pre-training checkpoint folder (step_XXXXXXXX) or a state-dict file whose
     # encoder weights start the EPG encoder; the projector is dropped. None = random init.
     encoder: str | None = None
+    # Missing or unexpected encoder keys (e.g. another depth) are an error unless this is true.
+    allow_partial: bool = False
 
 
 @dataclass
@@ -323,8 +325,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' sets a key inside a value")
-        node[leaf] = yaml.load(raw, Loader=_YAMLLoader) if raw.strip() else None
+        try:
+            node[leaf] = yaml.load(raw, Loader=_YAMLLoader) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)})") from None
     return tree
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'expected ',' or ']' at line 2, column 1' from a YAML error (PyYAML's are multi-line)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
 
 
 def default_config_path(stage: str) -> Path:
@@ -338,8 +350,13 @@ def _read_with_bases(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str,
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config base cycle: {' -> '.join(map(str, seen + [path]))}")
-    with open(path) as f:
-        data = yaml.load(f, Loader=_YAMLLoader) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_YAMLLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -402,8 +419,8 @@ def check_config(cfg: Config) -> None:
         "model.proj_dim": m.proj_dim, "train.global_batch": cfg.train.global_batch,
         "train.total_steps": cfg.train.total_steps, "train.save_every": cfg.train.save_every,
         "train.keep_last": cfg.train.keep_last, "log.every": cfg.log.every,
-        "pretrain.s0": cfg.pretrain.s0, "optim.lr": cfg.optim.lr, "train.dist_timeout": cfg.train.dist_timeout,
-        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "pretrain.s0": cfg.pretrain.s0, "optim.lr": cfg.optim.lr, "model.mlp_ratio": m.mlp_ratio,
+        "train.dist_timeout": cfg.train.dist_timeout, "train.max_nonfinite": cfg.train.max_nonfinite,
         "pretrain.tau_contrastive": cfg.pretrain.tau_contrastive,
         "pretrain.tau_consistency": cfg.pretrain.tau_consistency,
     }
@@ -445,6 +462,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"log.profile={err}") from None
     if cfg.log.memory_snapshot is not None and cfg.log.memory_snapshot < 0:
         raise ConfigError(f"log.memory_snapshot must be a step >= 0, got {cfg.log.memory_snapshot}")
+    if cfg.data.root is not None and not str(cfg.data.root).strip():
+        raise ConfigError("data.root is empty: give an ImageFolder path, or data.root=null for the demo data")
     e = cfg.eval
     for section, key in ((cfg.data, "root"), (cfg.init, "encoder"), (e, "knn_train"), (e, "knn_test")):
         if getattr(section, key):  # a preset may name ~/... or $EPG_CACHE_DIR/... paths

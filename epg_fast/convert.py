@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from epg_fast.checkpoint import CheckpointError, read_checkpoint
+from epg_fast.checkpoint import CheckpointError, CheckpointWriteError, check_writable, load_file, read_checkpoint
 from epg_fast.models.encoder import ENCODER_PRESETS, PretrainEncoder
 from epg_fast.models.epg import EPG, EPG_PRESETS, build_epg
 
@@ -192,9 +191,9 @@ def _read_source(src: str) -> object:
             raise ConvertError(str(e)) from None
         return {"model": saved.weights, "ema": saved.shadow}
     try:
-        return torch.load(src, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ConvertError(f"cannot read {src}: {str(e).strip().splitlines()[0]}") from e
+        return load_file(src)  # weights_only; its messages never suggest weights_only=False
+    except CheckpointError as e:
+        raise ConvertError(f"cannot read {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000, help="with --preset")
     args = parser.parse_args(argv)
     try:
+        try:
+            check_writable(Path(args.dst).parent)  # before the work
+        except CheckpointWriteError as e:
+            raise ConvertError(f"cannot write {args.dst}: {e}") from None
         obj = _read_source(args.src)
         state, wrapper = unwrap(obj, args.weights)
         kind, out = convert(state, args.to, args.preset, args.image_size, args.patch_size, args.num_classes)

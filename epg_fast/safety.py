@@ -146,8 +146,10 @@ class NonFiniteGuard:
 
 
 # Resuming with a changed config: each key is applied (and logged) or refused. Keys under
-# these prefixes would not fit the saved weights, optimiser or data state: refused.
-REFUSED_ON_RESUME = ("stage", "model.", "init.", "train.seed", "train.zero_stage", "optim.decay_tokens")
+# these prefixes would not fit the saved weights, optimiser or data state: refused. (Another
+# stage or model shape is refused before this, by checkpoint.check_same_model; a change of
+# model.kernels, model.attention or model.dropout applies: the model is built from this run's.)
+REFUSED_ON_RESUME = ("init.", "train.seed", "train.zero_stage", "optim.decay_tokens")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -60,7 +60,7 @@ from PIL import Image
 from torch import Tensor
 
 from epg_fast import schedule
-from epg_fast.checkpoint import CheckpointError, read_checkpoint
+from epg_fast.checkpoint import CheckpointError, CheckpointWriteError, check_writable, load_file, read_checkpoint
 from epg_fast.config import Config
 from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize
 from epg_fast.distributed import setup_distributed, teardown_distributed
@@ -398,7 +398,10 @@ def _load_state_dict_file(path: Path, device: torch.device | str, preset: str | 
         raise SampleError(f"a state-dict file needs {', '.join(absent)} (a checkpoint folder carries its config)")
     if preset not in EPG_PRESETS:
         raise SampleError(f"unknown preset '{preset}' (known: {', '.join(EPG_PRESETS)})")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_file(path)  # weights_only: a file from elsewhere runs no code
+    except CheckpointError as err:
+        raise SampleError(str(err)) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         hint = ": a DeepSpeed model-states file? pass its checkpoint folder" if isinstance(state, Mapping) else ""
         raise SampleError(f"{path} is not a plain state dict{hint}")
@@ -550,6 +553,12 @@ def _part_images(parts: list[Path]) -> Iterable[np.ndarray]:
 def _sample(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
     if args.num < 1 or args.batch_size < 1 or args.seed < 0 or (args.steps < 2 and args.sampler != "onestep"):
         raise SampleError("--num and --batch-size must be >= 1, --seed >= 0, and --steps >= 2 (except onestep)")
+    if not math.isfinite(args.guidance):
+        raise SampleError(f"--guidance must be a finite number, got {args.guidance}")
+    try:
+        check_writable(args.out)  # before the model is loaded and the images drawn
+    except CheckpointWriteError as err:
+        raise SampleError(f"--out: {err}") from None
     model, info = load_generator(
         args.ckpt, weights=args.weights, device=device, preset=args.preset, image_size=args.image_size,
         patch_size=args.patch_size, num_classes=args.num_classes, prediction=args.prediction,

@@ -33,7 +33,8 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from epg_fast.checkpoint import Checkpoints, is_complete, read_checkpoint
+from epg_fast.checkpoint import (CheckpointError, Checkpoints, CheckpointWriteError, check_same_model,
+                                 check_writable, read_checkpoint)
 from epg_fast.config import STAGES, Config, ConfigError, check_world, preset_comments
 from epg_fast.data import DataError, build_loader
 from epg_fast.distributed import setup_distributed, teardown_distributed
@@ -374,6 +375,7 @@ def train(cfg: Config, comments: str = "") -> int:
     rank, world, device = setup_distributed(cfg.train.device, group_of_one=True,  # DeepSpeed needs a group
                                             timeout_minutes=cfg.train.dist_timeout)
     run_dir = Path(cfg.train.run_dir)
+    check_writable(run_dir)  # before any work: a read-only folder would fail only at the first save
     run_lock = hold_run_dir(run_dir) if rank == 0 else None  # held until this process ends
     setup_logging(rank, run_dir)
     precision = resolve_precision(cfg, device)
@@ -393,10 +395,9 @@ def train(cfg: Config, comments: str = "") -> int:
     ckpts = Checkpoints(run_dir, cfg.train.keep_last, rank)
     step = 0
     resume = None if cfg.train.resume == "none" else ckpts.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
-    if resume is not None and not is_complete(resume):
-        raise ConfigError(f"train.resume={resume} is not a completed checkpoint folder (no COMPLETE marker)")
     ckpts.claim(resume)
-    if resume is not None:
+    if resume is not None:  # verified first (CheckpointError): train.resume=PATH never falls back
+        check_same_model(resume, cfg.to_dict())  # another stage or model shape: one line, before DeepSpeed
         changes = config_changes(read_checkpoint(resume).config, cfg.to_dict())  # refused keys raise here
         state = ckpts.load(engine, resume)
         apply_optimiser_settings(optimizer, scheduler, base_lr(cfg), tuple(cfg.optim.betas),
@@ -541,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epg_fast: step {progress['step']}: no answer from another rank for train.dist_timeout="
               f"{cfg.train.dist_timeout} min (hung or dead): {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
+    except (CheckpointError, CheckpointWriteError) as err:
+        print(f"epg_fast: checkpoint error: {err}", file=sys.stderr)
+        return 2
     finally:
         teardown_distributed(finished=rc == 0)
 

@@ -22,3 +22,21 @@ def demo_root(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line("markers", "ci: an end-to-end smoke run sized for CI (~2 minutes on 2 idle cores); "
                                        "select with -m ci")
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process cannot write into: chmod 555 for a normal user; for root (whom
+    permissions do not stop) /sys, where sysfs refuses new files."""
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        (Path("/sys") / ".epg_probe").write_bytes(b"x")
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no unwritable folder available to root here")

@@ -223,7 +223,7 @@ def test_deepspeed_config_mapping():
 
 @pytest.mark.parametrize("override,message", [
     ("data.root=/nonexistent/imagenet", "data error: data root does not exist: /nonexistent/imagenet"),
-    ("train.resume=/nonexistent/step_00000010", "is not a completed checkpoint folder"),
+    ("train.resume=/nonexistent/step_00000010", "checkpoint error: /nonexistent/step_00000010 does not exist"),
 ])
 def test_bad_data_root_or_resume_path_is_a_one_line_error(env, tmp_path, override, message):
     proc = subprocess.run(train_cmd(tmp_path, override), env=env, capture_output=True, text=True, timeout=300)

@@ -21,9 +21,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
 from collections import Counter
 
-from epg_fast.data.index import scan_image_folder
+from epg_fast.data.index import DataError, scan_image_folder
 from epg_fast.data.shards import write_shards
 from epg_fast.data.views import center_crop, load_image
 
@@ -95,7 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.quality <= 100:
         parser.error("--quality must be in 1..100")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    total, failures = precrop(args.src, args.dst, args.size, args.workers, args.format, args.quality, args.per_shard)
+    try:
+        total, failures = precrop(args.src, args.dst, args.size, args.workers, args.format, args.quality, args.per_shard)
+    except (DataError, OSError) as err:
+        print(f"epg_fast.data.precrop: error: {err}", file=sys.stderr)
+        sys.exit(2)
     for failure in failures[:10]:
         log.warning("not written: %s", failure)
     log.info(

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from epg_fast import schedule
-from epg_fast.checkpoint import CheckpointError, read_checkpoint
+from epg_fast.checkpoint import CheckpointError, load_file, read_checkpoint
 from epg_fast.config import Config, ConfigError, ModelConfig
-from epg_fast.convert import convert, unwrap
+from epg_fast.convert import ConvertError, convert, unwrap
 from epg_fast.data import normalize
 from epg_fast.flops import finetune_step_macs
 from epg_fast.models.encoder import PretrainEncoder
@@ -53,9 +53,17 @@ def load_pretrained_encoder(path: str) -> dict[str, Tensor]:
     if not source.is_file():
         raise ConfigError(f"init.encoder={source} does not exist: run the pre-training first, or set "
                           "init.encoder=null to start from random weights")
-    sd, _ = unwrap(torch.load(source, map_location="cpu", weights_only=False))
+    try:
+        sd, _ = unwrap(load_file(source))  # weights_only: a file from elsewhere runs no code
+    except CheckpointError as err:
+        raise ConfigError(f"init.encoder: {err}") from None
+    except ConvertError as err:
+        raise ConfigError(f"init.encoder={source}: {err}") from None
     if not any(k.startswith("encoder.") for k in sd):
-        kind, sd = convert(sd, to="ours")
+        try:
+            kind, sd = convert(sd, to="ours")
+        except ConvertError as err:
+            raise ConfigError(f"init.encoder={source}: {err}") from None
         if kind == "epg":
             raise ConfigError(f"init.encoder={source} holds a full EPG model, not a pre-training encoder")
     return sd
@@ -93,7 +101,14 @@ class FinetuneStage:
         self.pretrained = None
         if cfg.init.encoder:
             self.pretrained = load_pretrained_encoder(cfg.init.encoder)
-            missing, unexpected = load_encoder_from_pretrain(model, self.pretrained)
+            try:
+                missing, unexpected = load_encoder_from_pretrain(model, self.pretrained)
+            except ValueError as err:  # a shape mismatch: another width or patch size
+                raise ConfigError(f"init.encoder={cfg.init.encoder} does not fit this model: {err}") from None
+            if (missing or unexpected) and not cfg.init.allow_partial:  # e.g. an encoder of another depth
+                raise ConfigError(f"init.encoder={cfg.init.encoder} does not fit this model: {len(missing)} missing "
+                                  f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]} keys "
+                                  "(init.allow_partial=true loads what matches)")
             log.info("encoder initialised from %s (projector dropped); missing keys: %s; unexpected keys: %s",
                      cfg.init.encoder, missing or "none", unexpected or "none")
         else:
