@@ -335,7 +335,7 @@ def startup_block(cfg: Config, world: int, device: torch.device, precision: str,
         f"kernels {ops.kernels_for(device)}; ZeRO stage {cfg.train.zero_stage}",
         f"data         {loader.num_images:,} images, {loader.num_classes} classes, "
         f"{loader.steps_per_epoch} steps/epoch of {cfg.train.global_batch}; "
-        f"source: {cfg.data.source}; loader: {cfg.data.loader} ({type(loader).__module__}.{type(loader).__name__})",
+        f"source: {cfg.data.source}; loader: {cfg.data.loader} ({loader.executor})",
         f"compute      {2 * stage.macs_per_image(cfg) / 1e9:.2f} GFLOP per image per step ({stage.compute()})",
         f"optimiser    optim.impl={cfg.optim.impl}: {optimizer_kernel(optimizer)}; "
         f"compile {cfg.train.compile_backend if cfg.train.compile else 'off'}",

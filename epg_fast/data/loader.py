@@ -84,6 +84,11 @@ class ImageLoader:
         self.epoch, self.batch = epoch, batch
         self._generation += 1
 
+    @property
+    def executor(self) -> str:
+        """The class that decodes and augments (the torch or the DALI executor of the plan)."""
+        return f"{type(self.source).__module__}.{type(self.source).__name__}"
+
     def to_device(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """A batch on the training device with its final uint8 views: with data.augment=device
         the photometric augmentations (and raw shards' y crops) run here, batched."""

@@ -56,6 +56,10 @@ class SyntheticLoader:
         labels = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
         return {**self._pool[pick], "label": labels.pin_memory() if self._pin else labels}
 
+    @property
+    def executor(self) -> str:
+        return f"{__name__}.{type(self).__name__}"
+
     def to_device(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
