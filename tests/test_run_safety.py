@@ -103,23 +103,19 @@ def test_resume_none_into_a_run_dir_with_checkpoints_is_refused(straight, env):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
-class _FakeEngine:
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
-
-
 def test_pruning_touches_only_this_runs_checkpoints(tmp_path, monkeypatch):
     from epg_fast.checkpoint import Checkpoints
+    from test_checkpoint import FakeEngine
 
     monkeypatch.setattr("epg_fast.checkpoint.rng_state", lambda: {})
     other = Checkpoints(tmp_path, keep_last=5, rank=0)
     other.run = "other-run"
     for step in (10, 20, 30):
-        other.save(_FakeEngine(), step, {})
+        other.save(FakeEngine(), step, {"step": step})
     ours = Checkpoints(tmp_path, keep_last=2, rank=0)
     ours.run = "this-run"
     for step in (1, 2, 3, 4):
-        ours.save(_FakeEngine(), step, {})
+        ours.save(FakeEngine(), step, {"step": step})
     names = sorted(p.name for p in ours.completed())
     assert names == ["step_00000003", "step_00000004", "step_00000010", "step_00000020", "step_00000030"]
 
