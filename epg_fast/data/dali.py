@@ -69,7 +69,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from PIL import Image
 
 from epg_fast.data.plan import BatchPlan, Made, unreadable_reason
-from epg_fast.data.views import FLIP_P, Y1, Y2, YDraw, draw_y, load_image, to_rgb
+from epg_fast.data.views import FLIP_P, Y1, Y2, YDraw, center_crop_box, draw_y, load_image, to_rgb
 
 log = logging.getLogger("epg_fast.data")
 
@@ -103,20 +103,9 @@ def draw_views(
 
 
 def center_crop_roi(width: int, height: int, size: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The region of a width x height image that views.center_crop turns into the R x R view,
-    as ((top, left), (bottom, right)) in source pixels.
-
-    Its halving and rounding steps are replayed to find the crop in the resized image; each
-    PIL resize maps the whole image onto the whole output, so a resized pixel spans
-    width / resized_width source pixels."""
-    w, h = width, height
-    while min(w, h) >= 2 * size:
-        w, h = w // 2, h // 2
-    scale = size / min(w, h)
-    rw, rh = round(w * scale), round(h * scale)
-    left, top = (rw - size) // 2, (rh - size) // 2
-    sx, sy = width / rw, height / rh
-    return (top * sy, left * sx), ((top + size) * sy, (left + size) * sx)
+    """views.center_crop_box as DALI's roi_start / roi_end: ((top, left), (bottom, right))."""
+    left, top, right, bottom = center_crop_box(width, height, size)
+    return (top, left), (bottom, right)
 
 
 # ---------------------------------------------------------------------------------------

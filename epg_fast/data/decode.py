@@ -7,7 +7,7 @@ is chosen: the views are downsampled from fewer, DCT-averaged pixels instead of 
 from the full decode, but no view is upsampled more than before and each covers the same
 region of the photograph (boxes are scaled by 1/s; the reduced image's last row and column
 may reach up to s - 1 source pixels further, which no box reaches). x is the center crop's
-region (center_crop_box) resized in one bicubic step. Other formats, and JPEGs whose regions are too small, are decoded in full; the result
+region (views.center_crop_box) resized in one bicubic step. Other formats, and JPEGs whose regions are too small, are decoded in full; the result
 is then bit-identical to device_views.geometric_views.
 
 The reduction pays on large files: at R=256 a 500x375 photograph (ImageNet's typical size)
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from epg_fast.data.device_views import crop_y, draw_views
-from epg_fast.data.views import YDraw, center_crop, to_rgb
+from epg_fast.data.views import YDraw, center_crop, center_crop_box, to_rgb
 
 _FACTORS = (8, 4, 2)
 
@@ -32,20 +32,6 @@ def reduction_factor(regions: Iterable[tuple[float, float]], size: int) -> int:
     """The largest s in (8, 4, 2, 1) with every (width, height) region / s >= size."""
     smallest = min(min(w, h) for w, h in regions)
     return next((s for s in _FACTORS if smallest / s >= size), 1)
-
-
-def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
-    """The region (left, top, right, bottom) of a width x height image that views.center_crop
-    turns into its size x size view, in source pixels: its halving and rounding replayed.
-    (The DALI loader's center_crop_roi computes the same region; to be shared with it.)"""
-    w, h = width, height
-    while min(w, h) >= 2 * size:
-        w, h = w // 2, h // 2
-    scale = size / min(w, h)
-    rw, rh = round(w * scale), round(h * scale)
-    left, top = (rw - size) // 2, (rh - size) // 2
-    sx, sy = width / rw, height / rh
-    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def open_reduced(path: str, factor: int) -> tuple[Image.Image, float]:

@@ -66,6 +66,21 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of a width x height image that center_crop turns
+    into its size x size view, in source pixels: its halving and rounding steps replayed.
+    Each PIL resize maps the whole image onto the whole output, so a resized pixel spans
+    width / resized_width source pixels. (Decode-small and the DALI loader crop with it.)"""
+    w, h = width, height
+    while min(w, h) >= 2 * size:
+        w, h = w // 2, h // 2
+    scale = size / min(w, h)
+    rw, rh = round(w * scale), round(h * scale)
+    left, top = (rw - size) // 2, (rh - size) // 2
+    sx, sy = width / rw, height / rh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 def hflip(img: Image.Image, rng: np.random.Generator, p: float = FLIP_P) -> Image.Image:
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
