@@ -109,16 +109,8 @@ class Encoder(nn.Module):
     Ops(), the `auto` modes) is shared by all its modules; it holds no weights."""
 
     def __init__(
-        self,
-        image_size: int,
-        patch_size: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        cls_tokens: int = 1,
-        dropout: float = 0.0,
-        ops: Ops | None = None,
+        self, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
+        mlp_ratio: float = 4.0, cls_tokens: int = 1, dropout: float = 0.0, ops: Ops | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.patch_size, self.cls_tokens = dim, patch_size, cls_tokens
@@ -131,12 +123,16 @@ class Encoder(nn.Module):
         self.norm = LayerNorm(dim, ops=ops)
         self._init_weights()
 
-    def _init_weights(self) -> None:
+    def _init_linears(self) -> None:
+        """Every linear layer (the EPG model's decoder included): xavier weights, zero biases."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def _init_weights(self) -> None:
+        self._init_linears()
         for block in self.blocks:
             # qkv as three separate D x D matrices: bound sqrt(6 / (D + D)), not xavier of [3D, D].
             bound = math.sqrt(6.0 / (2 * self.dim))

@@ -92,19 +92,9 @@ class EPG(Encoder):
     """
 
     def __init__(
-        self,
-        image_size: int,
-        patch_size: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        decoder_dim: int,
-        decoder_heads: int,
-        num_classes: int = 1000,
-        mlp_ratio: float = 4.0,
-        cls_tokens: int = 1,
-        dropout: float = 0.0,
-        ops: Ops | None = None,
+        self, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
+        decoder_dim: int, decoder_heads: int, num_classes: int = 1000,
+        mlp_ratio: float = 4.0, cls_tokens: int = 1, dropout: float = 0.0, ops: Ops | None = None,
     ) -> None:
         super().__init__(image_size, patch_size, dim, depth, heads, mlp_ratio, cls_tokens, dropout=0.0, ops=ops)
         self.image_size, self.num_classes = image_size, num_classes
@@ -123,11 +113,7 @@ class EPG(Encoder):
         (qkv as one [3D, D] matrix: bound sqrt(6 / (D + 3D)), where the pre-training encoder
         uses sqrt(6 / 2D) per q/k/v); the patch embedding, cls token and position embedding
         keep the encoder's initialisation. Then the zero-inits and the class embedding."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self._init_linears()
         # adaLN-Zero: every gate starts at 0, so each decoder block starts as its skip + LN.
         for block in self.decoder_blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)
