@@ -39,6 +39,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_device(choice: str, error: type[Exception]) -> str:
+    """A command line's --device: "auto" is CUDA when visible, else the CPU; "cuda" without a
+    visible device raises `error` (the tool's one-line error)."""
+    device = choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda, but CUDA is not available")
+    return device
+
+
 def setup_distributed(device: str, *, group_of_one: bool,
                       timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process, after joining the process group: NCCL on

@@ -109,6 +109,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from epg_fast.data import DataError, scan_labelled_folder
+from epg_fast.distributed import cli_device
 
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000)
 EPS = 1e-6  # ADM's frechet_distance(eps=1e-6)
@@ -514,10 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise FIDError("--device cuda, but CUDA is not available")
+        device = cli_device(args.device, FIDError)
         if args.kid_subsets < 1 or args.kid_subset_size < 2:
             raise FIDError("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
         result = evaluate(Path(args.samples), Path(args.reference), args.inception and Path(args.inception),

@@ -45,6 +45,7 @@ from epg_fast.checkpoint import Saved
 from epg_fast.config import Config, ConfigError
 from epg_fast.data import DataError, ImageIndex, normalize, scan_labelled_folder
 from epg_fast.data.views import center_crop
+from epg_fast.distributed import cli_device
 from epg_fast.models.encoder import Encoder
 from epg_fast.models.epg import ENCODER_PARTS
 from epg_fast.stages import load_config, stage_named
@@ -314,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ProbeError("--device cuda, but CUDA is not available")
+        device = cli_device(args.device, ProbeError)
         result = probe(args.checkpoint, args.train, args.test, random_init=args.random_init, config=args.config,
                        pixels=args.pixels, weights=args.weights, limit_train=args.limit_train,
                        limit_test=args.limit_test, batch_size=args.batch_size, linear=not args.no_linear,

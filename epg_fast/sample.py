@@ -63,7 +63,7 @@ from epg_fast import schedule
 from epg_fast.checkpoint import CheckpointError, CheckpointWriteError, check_writable, load_file, read_checkpoint
 from epg_fast.config import Config
 from epg_fast.data.views import IMAGENET_MEAN, IMAGENET_STD, normalize
-from epg_fast.distributed import setup_distributed, teardown_distributed
+from epg_fast.distributed import cli_device, setup_distributed, teardown_distributed
 from epg_fast.models.epg import EPG, EPG_PRESETS, denoise
 from epg_fast.ops import Ops
 from epg_fast.stages import REGISTRY, Sampling, stage_sampled_as
@@ -614,8 +614,7 @@ def _sample(args: argparse.Namespace, rank: int, world: int, device: torch.devic
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise SampleError("--device cuda, but CUDA is not available")
+        cli_device(args.device, SampleError)  # "cuda" without a visible device: one line
         rank, world, device = setup_distributed(args.device, group_of_one=False)
         _sample(args, rank, world, device)
         return 0
