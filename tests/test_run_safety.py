@@ -204,7 +204,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
 def test_a_collective_timeout_is_one_line_naming_the_step(monkeypatch, capsys):
     import epg_fast.train as train
 
-    def hung_peer(cfg):
+    def hung_peer(cfg, comments=""):
         train.progress["step"] = 7
         raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms for recv operation\nmore")
 
